@@ -1,0 +1,82 @@
+"""Cleaning decisions: which training samples to flag, given their contributions.
+
+Both rules use only the contributions and the observed (possibly noisy)
+labels; no ground truth names the noisy group.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.cluster import KMeans
+
+__all__ = ["flag_lowest", "flag_sign_clusters"]
+
+#: Classes with fewer samples than this are not split by :func:`flag_sign_clusters`.
+MIN_CLUSTER_CLASS_SIZE = 4
+
+
+def flag_lowest(scores: np.ndarray, fraction: float) -> np.ndarray:
+    """Flag the ``round(fraction * n_scored)`` samples with the lowest score.
+
+    Parameters
+    ----------
+    scores : ndarray of shape (n_samples,)
+        Higher is more useful. NaN marks an unscored sample, never flagged.
+    fraction : float in [0, 1]
+
+    Returns
+    -------
+    flagged : ndarray of shape (n_samples,), bool
+        Ties are broken by position (stable sort), so the result is deterministic.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    scored = np.flatnonzero(~np.isnan(scores))
+    k = int(round(fraction * scored.size))
+    flagged = np.zeros(scores.shape[0], dtype=bool)
+    flagged[scored[np.argsort(scores[scored], kind="stable")[:k]]] = True
+    return flagged
+
+
+def flag_sign_clusters(
+    contribution_matrix: np.ndarray,
+    labels: np.ndarray,
+    scores: np.ndarray,
+    random_state: int | np.random.RandomState | None = None,
+) -> np.ndarray:
+    """Per class, split the sign vectors of ``C(i, j)`` in two and flag the less useful group.
+
+    Parameters
+    ----------
+    contribution_matrix : ndarray of shape (n_samples, n_features)
+        ``C(i, j)`` over the validation features; NaN rows are unscored.
+    labels : ndarray of shape (n_samples,)
+        Observed training labels; each class is clustered separately.
+    scores : ndarray of shape (n_samples,)
+        ``C(i)``; the group with the lower mean is flagged.
+    random_state : int, RandomState or None
+        Seeds the k-means initialisations.
+
+    Returns
+    -------
+    flagged : ndarray of shape (n_samples,), bool
+
+    Notes
+    -----
+    The sign vectors lie in {-1, +1}^M, where squared Euclidean distance is
+    four times the Hamming distance, so k-means (k=2, 10 initialisations)
+    minimises within-group Hamming dispersion. Classes with fewer than
+    ``MIN_CLUSTER_CLASS_SIZE`` scored samples, or whose sign vectors are all
+    equal, are left unflagged: there is nothing to split.
+    """
+    signs = np.where(np.asarray(contribution_matrix) >= 0, 1.0, -1.0)
+    scores = np.asarray(scores, dtype=np.float64)
+    flagged = np.zeros(signs.shape[0], dtype=bool)
+    scored = ~np.isnan(scores)
+    for cls in np.unique(labels):
+        members = np.flatnonzero((labels == cls) & scored)
+        if members.size < MIN_CLUSTER_CLASS_SIZE or np.all(signs[members] == signs[members[0]]):
+            continue
+        groups = KMeans(n_clusters=2, n_init=10, random_state=random_state).fit_predict(signs[members])
+        means = [scores[members[groups == g]].mean() for g in (0, 1)]
+        flagged[members[groups == int(np.argmin(means))]] = True
+    return flagged

@@ -1,0 +1,124 @@
+"""Contributions of training samples to the validation loss.
+
+Sign convention, used everywhere in hydraclean (DESIGN.md §1)::
+
+    C(i)    = -(1/N) <grad L_val(w_T), nabla_{T,i}>
+    C(i, j) = -(1/N) <grad l_j^val(w_T), nabla_{T,i}>
+
+Positive means helpful: removing sample ``i`` (``eps_i = -1/N``) would raise
+the validation loss by about ``C(i)``. Mislabelled samples tend to be negative.
+Since ``L_val`` is the mean of the ``l_j^val``, ``C(i)`` is the mean of
+``C(i, j)`` over the whole validation set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .gradients import validation_gradients
+from .hypergradient import ExactTracker, free_projections
+from .training import Trajectory, train
+
+__all__ = ["HydraResult", "contributions_from_projections", "fit_contributions"]
+
+
+def contributions_from_projections(projections: torch.Tensor, n_samples: int) -> torch.Tensor:
+    """``C = -(1/N) <V, nabla_T>`` from projections ``P = <V, nabla_T>`` (any shape)."""
+    return projections * (-1.0 / n_samples)
+
+
+@dataclass
+class HydraResult:
+    """Output of :func:`fit_contributions`.
+
+    Attributes
+    ----------
+    model : nn.Module
+        The trained copy (``w_T``).
+    history : dict of str to list of float
+        Per-epoch training (and validation) loss and accuracy.
+    trajectory : Trajectory
+        The recorded run, replayable.
+    contribution : ndarray of shape (n_samples,), float64
+        ``C(i)``; NaN for samples that were not tracked (``hessian="exact"``
+        restricted to a subset).
+    contribution_matrix : ndarray of shape (n_samples, n_rows) or None
+        ``C(i, j)`` for the requested validation rows ``j``.
+    """
+
+    model: nn.Module
+    history: dict[str, list[float]]
+    trajectory: Trajectory
+    contribution: np.ndarray
+    contribution_matrix: np.ndarray | None
+
+
+def fit_contributions(
+    module: nn.Module,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    X_val: torch.Tensor,
+    y_val: torch.Tensor,
+    *,
+    criterion: nn.Module,
+    trajectory: Trajectory,
+    hessian: str = "free",
+    val_rows: torch.Tensor | None = None,
+    exact_indices: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    progress: Callable[[Iterator], Iterator] | None = None,
+) -> HydraResult:
+    """Train along ``trajectory`` and score every training sample against the validation set.
+
+    Parameters
+    ----------
+    module : nn.Module
+        Architecture with initial weights ``w_0``, on the data's device. Not modified.
+    X, y : Tensor
+        Training inputs (n_samples, ...) and integer targets (n_samples,).
+    X_val, y_val : Tensor
+        Trusted validation inputs and integer targets.
+    criterion : nn.Module
+        Per-sample loss, ``reduction="none"``.
+    trajectory : Trajectory
+        From :func:`hydraclean.training.plan_trajectory`.
+    hessian : {"free", "exact"}
+        Hessian-free replay (O(N K) memory) or exact tracking with
+        Hessian-vector products (O(S |w|) memory for S tracked samples).
+    val_rows : Tensor of int, optional
+        Validation rows ``j`` for which ``C(i, j)`` is wanted.
+    exact_indices : Tensor of int, optional
+        With ``hessian="exact"``, the samples to track (default: all).
+    chunk_size : int, optional
+        Hessian-vector products per vectorised call.
+    progress : callable, optional
+        Wraps each loop over epochs.
+
+    Returns
+    -------
+    HydraResult
+    """
+    n = X.shape[0]
+    tracker = None
+    if hessian == "exact":
+        if exact_indices is None:
+            exact_indices = torch.arange(n, device=X.device)
+        tracker = ExactTracker(module, criterion, trajectory, exact_indices, chunk_size=chunk_size)
+    model, history = train(
+        module, X, y, criterion, trajectory, on_step=tracker, validation=(X_val, y_val), progress=progress
+    )
+    mean_grad, rows_grad = validation_gradients(model, X_val, y_val, criterion, rows=val_rows)
+    directions = mean_grad.unsqueeze(0) if rows_grad is None else torch.cat([mean_grad.unsqueeze(0), rows_grad])
+    if tracker is None:
+        projections = free_projections(trajectory, module, X, y, criterion, directions, progress=progress)
+    else:
+        projections = torch.full((n, directions.shape[0]), float("nan"), dtype=X.dtype, device=X.device)
+        projections[exact_indices] = tracker.nabla @ directions.T
+    scores = contributions_from_projections(projections, n).double().cpu().numpy()
+    matrix = scores[:, 1:] if rows_grad is not None else None
+    return HydraResult(model, history, trajectory, scores[:, 0].copy(), matrix)

@@ -1,0 +1,128 @@
+"""Turning user inputs into checked arrays, and the trusted validation split.
+
+Inputs are copied, never written to: numpy arrays (any trailing shape,
+read-only ones included), torch tensors, nested lists.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+from sklearn.utils import _safe_indexing
+
+__all__ = ["check_features", "check_labels", "resolve_validation_rows", "select_rows"]
+
+
+def check_features(X, name: str = "X") -> np.ndarray:
+    """Return ``X`` as a finite, numeric numpy array of shape (n_samples, ...).
+
+    Raises
+    ------
+    TypeError
+        When ``X`` is not numeric.
+    ValueError
+        When ``X`` is empty, 1-D or scalar, or holds NaN or inf.
+    """
+    if isinstance(X, torch.Tensor):
+        X = X.detach().cpu().numpy()
+    if hasattr(X, "sparse") or type(X).__module__.startswith("scipy.sparse"):
+        raise TypeError(f"{name} is a sparse matrix; hydraclean needs dense input: pass {name}.toarray().")
+    try:
+        arr = np.array(X)  # always a copy
+    except ValueError as exc:
+        raise ValueError(f"{name} could not be turned into an array ({exc}); rows must share one shape.") from exc
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        raise TypeError(
+            f"{name} must hold numbers, got dtype {arr.dtype}; encode categorical or text "
+            "columns as numbers before cleaning."
+        )
+    if arr.ndim < 2:
+        raise ValueError(
+            f"{name} must have shape (n_samples, ...) with at least 2 dimensions, got shape "
+            f"{arr.shape}; reshape a single feature with {name}.reshape(-1, 1)."
+        )
+    if arr.shape[0] == 0:
+        raise ValueError(f"{name} is empty (0 samples, shape {arr.shape}); pass at least one sample per class.")
+    if np.issubdtype(arr.dtype, np.complexfloating):
+        raise TypeError(f"{name} is complex; hydraclean needs real numbers.")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(
+            f"{name} contains NaN or infinity; impute or drop those values first "
+            "(e.g. sklearn.impute.SimpleImputer)."
+        )
+    return arr
+
+
+def check_labels(y, n_samples: int, name: str = "y") -> np.ndarray:
+    """Return ``y`` as a 1-D numpy array of length ``n_samples``."""
+    if isinstance(y, torch.Tensor):
+        y = y.detach().cpu().numpy()
+    arr = np.array(y)
+    if arr.ndim == 2 and arr.shape[1] == 1:
+        arr = arr.ravel()
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D class labels of shape (n_samples,), got shape {arr.shape}.")
+    if arr.shape[0] != n_samples:
+        raise ValueError(
+            f"{name} has {arr.shape[0]} labels but the features have {n_samples} rows; "
+            "they must have the same length."
+        )
+    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} contains NaN or infinity; every sample needs a class label.")
+    if arr.dtype.kind == "f" and np.any(arr != np.round(arr)):
+        raise ValueError(
+            f"{name} holds continuous values; hydraclean cleans classification labels. "
+            "Pass class labels (integers or strings)."
+        )
+    return arr
+
+
+def resolve_validation_rows(
+    n_samples: int, y: np.ndarray, validation_mask, validation_fraction: float, random_state
+) -> tuple[np.ndarray, bool]:
+    """Boolean mask of the rows of X that form the validation set.
+
+    Returns
+    -------
+    mask : ndarray of shape (n_samples,), bool
+    drawn : bool
+        True when the rows were drawn here (stratified ``validation_fraction``)
+        rather than given by the user.
+    """
+    if validation_mask is not None:
+        mask = np.asarray(validation_mask)
+        if mask.dtype == bool:
+            if mask.shape != (n_samples,):
+                raise ValueError(
+                    f"validation_mask is boolean with shape {mask.shape}; it must have shape ({n_samples},)."
+                )
+            return mask.copy(), False
+        if not np.issubdtype(mask.dtype, np.integer) or mask.ndim != 1:
+            raise ValueError("validation_mask must be a boolean mask of shape (n_samples,) or 1-D row indices.")
+        if mask.size and (mask.min() < -n_samples or mask.max() >= n_samples):
+            raise ValueError(f"validation_mask holds row indices outside [0, {n_samples}).")
+        out = np.zeros(n_samples, dtype=bool)
+        out[mask] = True
+        return out, False
+    _, classes_count = np.unique(y, return_counts=True)
+    n_val = max(int(np.ceil(validation_fraction * n_samples)), classes_count.size)
+    stratify = y if classes_count.min() >= 2 and n_samples - n_val >= classes_count.size else None
+    _, val_idx = train_test_split(
+        np.arange(n_samples), test_size=n_val, stratify=stratify, random_state=random_state
+    )
+    out = np.zeros(n_samples, dtype=bool)
+    out[val_idx] = True
+    return out, True
+
+
+def select_rows(X, mask: np.ndarray):
+    """``X[mask]`` in X's own container (numpy, torch, list, pandas)."""
+    rows = np.flatnonzero(mask)
+    if isinstance(X, torch.Tensor):
+        return X[torch.as_tensor(rows, device=X.device)]
+    if isinstance(X, numbers.Number):
+        raise TypeError("X must be an array of samples.")
+    return _safe_indexing(X, rows)

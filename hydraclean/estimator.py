@@ -1,0 +1,529 @@
+"""scikit-learn faces of HYDRA: :class:`HydraLabelCleaner` and :class:`HydraSampler`.
+
+Both are thin: ``fit`` checks the input, then hands it to
+:func:`hydraclean.contribution.fit_contributions` (training with the trajectory
+recorded, hypergradients, contributions) and to :mod:`hydraclean.cleaning`
+(the decision).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import warnings
+from numbers import Integral, Real
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted
+from torch import nn
+
+from .cleaning import flag_lowest, flag_sign_clusters
+from .contribution import fit_contributions
+from .data import check_features, check_labels, resolve_validation_rows, select_rows
+from .training import plan_trajectory, step_rng
+
+__all__ = ["HydraLabelCleaner", "HydraSampler"]
+
+_FITTED = (
+    "contribution_",
+    "contribution_matrix_",
+    "label_quality_",
+    "label_issues_",
+    "support_",
+    "classes_",
+    "n_features_in_",
+    "input_shape_",
+    "module_",
+    "history_",
+    "validation_mask_",
+    "val_feature_indices_",
+    "trajectory_",
+    "device_",
+)
+
+
+class _HydraBase(BaseEstimator):
+    """Parameters, validation and ``fit`` shared by the cleaner and the sampler."""
+
+    _parameter_constraints: dict = {
+        "module": [nn.Module, callable],
+        "strategy": [StrOptions({"drop", "cluster"})],
+        "drop_fraction": [Interval(Real, 0, 1, closed="both")],
+        "n_val_features": [Interval(Integral, 1, None, closed="left")],
+        "hessian": [StrOptions({"free", "exact"})],
+        "exact_subset": ["array-like", None],
+        "max_epochs": [Interval(Integral, 1, None, closed="left")],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "lr": [Interval(Real, 0, None, closed="neither")],
+        "momentum": [Interval(Real, 0, 1, closed="left")],
+        "weight_decay": [Interval(Real, 0, None, closed="left")],
+        "lr_schedule": [StrOptions({"constant"}), callable],
+        "criterion": [nn.Module, None],
+        "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
+        "device": [str, torch.device],
+        "random_state": ["random_state"],
+        "verbose": ["verbose"],
+    }
+
+    def __init__(
+        self,
+        module,
+        *,
+        strategy: str = "drop",
+        drop_fraction: float = 0.1,
+        n_val_features: int = 1000,
+        hessian: str = "free",
+        exact_subset=None,
+        max_epochs: int = 10,
+        batch_size: int = 64,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        lr_schedule="constant",
+        criterion: nn.Module | None = None,
+        validation_fraction: float = 0.1,
+        device="auto",
+        random_state=None,
+        verbose: int = 0,
+    ) -> None:
+        self.module = module
+        self.strategy = strategy
+        self.drop_fraction = drop_fraction
+        self.n_val_features = n_val_features
+        self.hessian = hessian
+        self.exact_subset = exact_subset
+        self.max_epochs = max_epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.momentum = momentum
+        self.weight_decay = weight_decay
+        self.lr_schedule = lr_schedule
+        self.criterion = criterion
+        self.validation_fraction = validation_fraction
+        self.device = device
+        self.random_state = random_state
+        self.verbose = verbose
+
+    def fit(self, X, y, X_val=None, y_val=None, validation_mask=None):
+        """Train the module while tracking hypergradients, score and flag every sample.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, ...)
+            Training inputs, in the shape the module expects (numpy array,
+            torch tensor or nested list). Never modified.
+        y : array-like of shape (n_samples,)
+            Observed, possibly noisy, class labels (integers or strings).
+        X_val, y_val : array-like, optional
+            A trusted (clean) validation set, with X's trailing shape and
+            labels seen in ``y``.
+        validation_mask : array-like of bool of shape (n_samples,) or of int, optional
+            Rows of ``X`` that form the trusted validation set instead (useful
+            inside a Pipeline, whose earlier steps do not transform ``X_val``).
+            Those rows are not trained on and are never flagged.
+
+        Returns
+        -------
+        self : object
+            Fitted estimator.
+        """
+        self._validate_params()
+        fitted = self._fit(X, y, X_val, y_val, validation_mask)
+        for name in _FITTED:
+            setattr(self, name, fitted[name])
+        return self
+
+    def fit_resample(self, X, y, **fit_params):
+        """Fit, then return ``(X[support_], y[support_])``.
+
+        Parameters
+        ----------
+        X, y : array-like
+            As in :meth:`fit`.
+        **fit_params
+            ``X_val``, ``y_val`` or ``validation_mask``.
+
+        Returns
+        -------
+        X_resampled, y_resampled
+        """
+        support = self.fit(X, y, **fit_params).support_
+        return select_rows(X, support), select_rows(y, support)
+
+    # -- the steps of fit -------------------------------------------------------
+
+    def _fit(self, X, y, X_val, y_val, validation_mask) -> dict:
+        rng = check_random_state(self.random_state)
+        X_all = check_features(X)
+        y_all = check_labels(y, X_all.shape[0])
+        if (X_val is None) != (y_val is None):
+            raise ValueError("Pass X_val and y_val together, or neither.")
+        if X_val is not None and validation_mask is not None:
+            raise ValueError("Pass either X_val/y_val or validation_mask, not both.")
+        if X_val is None:
+            val_mask, drawn = resolve_validation_rows(
+                X_all.shape[0], y_all, validation_mask, self.validation_fraction, rng
+            )
+            if drawn:
+                warnings.warn(
+                    f"No trusted validation set given: {val_mask.sum()} rows "
+                    f"(validation_fraction={self.validation_fraction}) were held out of the "
+                    "training data. Noisy validation labels weaken the scores; pass a clean "
+                    "X_val, y_val (or validation_mask) when you have one.",
+                    UserWarning,
+                    stacklevel=3,
+                )
+            X_tr, y_tr, X_v, y_v = X_all[~val_mask], y_all[~val_mask], X_all[val_mask], y_all[val_mask]
+        else:
+            val_mask = np.zeros(X_all.shape[0], dtype=bool)
+            X_tr, y_tr = X_all, y_all
+            X_v = check_features(X_val, "X_val")
+            y_v = check_labels(y_val, X_v.shape[0], "y_val")
+            if X_v.shape[1:] != X_tr.shape[1:]:
+                raise ValueError(
+                    f"X_val has trailing shape {X_v.shape[1:]} but X has {X_tr.shape[1:]}; "
+                    "both must be shaped as the module expects."
+                )
+        if X_tr.shape[0] == 0:
+            raise ValueError("No training rows are left once the validation rows are set aside.")
+        classes, y_tr_enc = np.unique(y_tr, return_inverse=True)
+        if classes.size < 2:
+            raise ValueError(
+                f"y has {classes.size} class among the training rows; cleaning labels needs at least 2."
+            )
+        unseen = np.setdiff1d(np.unique(y_v), classes)
+        if unseen.size:
+            raise ValueError(
+                f"The validation labels {unseen.tolist()[:10]} do not occur in the training labels "
+                f"{classes.tolist()[:10]}; every validation class must be seen in training."
+            )
+        y_v_enc = np.searchsorted(classes, y_v)
+
+        device = self._resolve_device()
+        module = self._build_module(X_tr.shape[1:], classes.size, device, rng)
+        dtype = _floating_dtype(module)
+        criterion = self._resolve_criterion()
+        to = lambda a, dt: torch.as_tensor(a, dtype=dt, device=device)  # noqa: E731
+        Xt, Xv = to(X_tr, dtype), to(X_v, dtype)
+        yt, yv = to(y_tr_enc, torch.long), to(y_v_enc, torch.long)
+        _check_forward(module, Xt[:2], classes.size)
+
+        val_rows = None
+        if self.strategy == "cluster":
+            m = min(self.n_val_features, Xv.shape[0])
+            val_rows = np.sort(rng.choice(Xv.shape[0], size=m, replace=False))
+        exact_rows = self._exact_rows(val_mask) if self.hessian == "exact" else None
+        trajectory = plan_trajectory(
+            Xt.shape[0],
+            batch_size=self.batch_size,
+            max_epochs=self.max_epochs,
+            lr=self.lr,
+            lr_schedule=self.lr_schedule,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            seed=int(rng.randint(np.iinfo(np.int32).max)),
+        )
+        result = fit_contributions(
+            module,
+            Xt,
+            yt,
+            Xv,
+            yv,
+            criterion=criterion,
+            trajectory=trajectory,
+            hessian=self.hessian,
+            val_rows=None if val_rows is None else torch.as_tensor(val_rows, device=device),
+            exact_indices=None if exact_rows is None else torch.as_tensor(exact_rows, device=device),
+            progress=self._progress(),
+        )
+
+        n_all = X_all.shape[0]
+        train_rows = np.flatnonzero(~val_mask)
+        contribution = np.full(n_all, np.nan)
+        contribution[train_rows] = result.contribution
+        matrix = None
+        if result.contribution_matrix is not None:
+            matrix = np.full((n_all, result.contribution_matrix.shape[1]), np.nan)
+            matrix[train_rows] = result.contribution_matrix
+        issues = np.zeros(n_all, dtype=bool)
+        if self.strategy == "drop":
+            issues[train_rows] = flag_lowest(result.contribution, self.drop_fraction)
+        else:
+            issues[train_rows] = flag_sign_clusters(
+                result.contribution_matrix, y_tr_enc, result.contribution, random_state=rng
+            )
+        return {
+            "contribution_": contribution,
+            "contribution_matrix_": matrix,
+            "label_quality_": contribution,
+            "label_issues_": issues,
+            "support_": ~issues,
+            "classes_": classes,
+            "n_features_in_": int(np.prod(X_tr.shape[1:])),
+            "input_shape_": tuple(X_tr.shape[1:]),
+            "module_": result.model.eval(),
+            "history_": result.history,
+            "validation_mask_": val_mask,
+            "val_feature_indices_": val_rows,
+            "trajectory_": result.trajectory,
+            "device_": device,
+        }
+
+    def _resolve_device(self) -> torch.device:
+        if isinstance(self.device, str) and self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"device={self.device!r} is not a torch device; use 'auto', 'cpu' or 'cuda'.") from exc
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device='cuda' was requested but CUDA is not available; use device='auto' or 'cpu'.")
+        return device
+
+    def _build_module(self, input_shape, n_classes: int, device: torch.device, rng) -> nn.Module:
+        if isinstance(self.module, nn.Module):
+            module = copy.deepcopy(self.module)
+        else:
+            offered = {"n_features": int(np.prod(input_shape)), "n_classes": n_classes, "input_shape": input_shape}
+            accepted = inspect.signature(self.module).parameters
+            kwargs = {k: v for k, v in offered.items() if k in accepted}
+            with step_rng(int(rng.randint(np.iinfo(np.int32).max)), torch.device("cpu")):
+                module = self.module(**kwargs)
+            if not isinstance(module, nn.Module):
+                raise TypeError(f"module() returned {type(module).__name__}; it must return a torch.nn.Module.")
+        if not any(p.requires_grad for p in module.parameters()):
+            raise ValueError("The module has no trainable parameters; HYDRA needs parameters to train.")
+        return module.to(device)
+
+    def _resolve_criterion(self) -> nn.Module:
+        if self.criterion is None:
+            return nn.CrossEntropyLoss(reduction="none")
+        if getattr(self.criterion, "reduction", "none") != "none":
+            raise ValueError(
+                f"criterion has reduction={self.criterion.reduction!r}; HYDRA needs per-sample "
+                "losses: construct it with reduction='none'."
+            )
+        return self.criterion
+
+    def _exact_rows(self, val_mask: np.ndarray) -> np.ndarray | None:
+        """Positions among the training rows of the rows of X in ``exact_subset``."""
+        if self.exact_subset is None:
+            return None
+        rows = np.unique(np.asarray(self.exact_subset, dtype=np.int64))
+        if rows.size == 0 or rows.min() < 0 or rows.max() >= val_mask.size:
+            raise ValueError(f"exact_subset must hold row indices of X in [0, {val_mask.size}).")
+        if val_mask[rows].any():
+            raise ValueError("exact_subset names validation rows; it must name training rows only.")
+        return np.searchsorted(np.flatnonzero(~val_mask), rows)
+
+    def _progress(self):
+        if not self.verbose:
+            return None
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # progress bars are an optional extra
+            return lambda it: it
+        return lambda it: tqdm(it, desc="epochs", unit="epoch", leave=False)
+
+
+def _floating_dtype(module: nn.Module) -> torch.dtype:
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    raise TypeError("The module has no floating-point parameters to train.")
+
+
+def _check_forward(module: nn.Module, x: torch.Tensor, n_classes: int) -> None:
+    """One forward pass in eval mode before training, to fail early and clearly."""
+    probe = copy.deepcopy(module).eval()
+    try:
+        with torch.no_grad():
+            out = probe(x)
+    except Exception as exc:
+        raise ValueError(
+            f"The module's forward pass failed on an input batch of shape {tuple(x.shape)} "
+            f"({type(exc).__name__}: {exc}). Check that X is shaped as the module expects."
+        ) from exc
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] != n_classes:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(
+            f"The module outputs {shape} for a batch of {x.shape[0]}, but y has {n_classes} classes; "
+            f"its output must be logits of shape (batch, {n_classes})."
+        )
+
+
+class HydraLabelCleaner(TransformerMixin, _HydraBase):
+    """Find and remove mislabelled training samples with HYDRA.
+
+    ``fit`` trains a copy of a torch module with mini-batch SGD while
+    recording its trajectory, follows the hypergradient of the parameters
+    with respect to every training sample's weight through all steps, and
+    scores each sample by its contribution to a trusted validation set's
+    loss (positive helps, negative hurts). The least useful samples are
+    flagged.
+
+    .. note::
+       ``fit_transform(X, y)`` returns ``X[support_]``, the cleaned training
+       data, whereas ``transform(X)`` returns ``X`` unchanged: cleaning is a
+       training-time act (as for imbalanced-learn's samplers), so
+       ``fit_transform`` is deliberately not ``fit().transform()``.
+
+    Parameters
+    ----------
+    module : torch.nn.Module or callable
+        The classifier; outputs logits of shape (batch, n_classes). Its
+        current weights are ``w_0``; it is never modified (fit trains a copy,
+        ``module_``). A callable is called with whichever of ``n_features``,
+        ``n_classes`` and ``input_shape`` it accepts and must return a module;
+        it is initialised under ``random_state``. Training runs in the dtype
+        of the module's parameters.
+    strategy : {"drop", "cluster"}, default="drop"
+        ``"drop"`` flags the ``round(drop_fraction * n_train)`` samples with
+        the lowest contribution. ``"cluster"`` clusters, per class, the sign
+        vectors of ``C(i, j)`` over ``n_val_features`` validation samples in
+        two and flags the group with the lower mean contribution.
+    drop_fraction : float in [0, 1], default=0.1
+        Fraction of training samples flagged by ``strategy="drop"``.
+    n_val_features : int, default=1000
+        Validation samples drawn (with ``random_state``) as features for
+        ``strategy="cluster"``.
+    hessian : {"free", "exact"}, default="free"
+        ``"free"``: HYDRA's fast Hessian-free approximation, replayed along
+        the recorded trajectory in O(N) memory. ``"exact"``: keeps the
+        Hessian term (Hessian-vector products); memory O(S |w|) and time
+        about S Hessian-vector products per step for S tracked samples.
+    exact_subset : array-like of int, default=None
+        With ``hessian="exact"``, the rows of ``X`` to track; the others get
+        NaN contributions and are never flagged. None tracks all.
+    max_epochs : int, default=10
+    batch_size : int, default=64
+        The last batch of an epoch keeps the remainder.
+    lr : float, default=0.01
+        Base learning rate.
+    momentum : float in [0, 1), default=0.9
+    weight_decay : float, default=0.0
+        L2 penalty on every parameter, as ``torch.optim.SGD`` applies it.
+    lr_schedule : "constant" or callable, default="constant"
+        Callable ``schedule(epoch, step) -> factor`` multiplying ``lr``, e.g.
+        :class:`hydraclean.schedules.ExponentialDecay`.
+    criterion : torch.nn.Module, default=None
+        Per-sample loss with ``reduction="none"``; cross-entropy when None.
+    validation_fraction : float in (0, 1), default=0.1
+        Used only without ``X_val`` and ``validation_mask``: the stratified
+        fraction of ``X`` held out as the validation set (with a warning).
+    device : {"auto", "cpu", "cuda"} or torch.device, default="auto"
+        "auto" trains on a GPU when there is one.
+    random_state : int, RandomState instance or None, default=None
+        Seeds the batch order, dropout masks, a callable module's
+        initialisation, the validation split, validation features and
+        k-means. On CPU, equal seeds give bit-identical results.
+    verbose : int, default=0
+        Progress bars (tqdm) over epochs when > 0.
+
+    Attributes
+    ----------
+    contribution_ : ndarray of shape (n_samples,)
+        ``C(i) = -(1/N) <grad L_val(w_T), d w_T / d eps_i>``, one entry per
+        row of ``X``; NaN for validation rows and untracked rows.
+    contribution_matrix_ : ndarray of shape (n_samples, n_val_features) or None
+        ``C(i, j)`` against the validation samples ``val_feature_indices_``
+        (``strategy="cluster"`` only).
+    label_quality_ : ndarray of shape (n_samples,)
+        The score the strategies rank by (``contribution_``).
+    label_issues_ : ndarray of shape (n_samples,), bool
+        Flagged rows.
+    support_ : ndarray of shape (n_samples,), bool
+        ``~label_issues_``: the rows kept.
+    classes_ : ndarray of shape (n_classes,)
+    n_features_in_ : int
+        Number of input values per sample (product of the trailing shape).
+    input_shape_ : tuple of int
+        Trailing shape of ``X``.
+    module_ : torch.nn.Module
+        The trained copy, in eval mode.
+    history_ : dict of str to list of float
+        Per-epoch ``train_loss``, ``train_accuracy``, ``valid_loss``,
+        ``valid_accuracy``.
+    validation_mask_ : ndarray of shape (n_samples,), bool
+        Rows of ``X`` used as the validation set (all False with ``X_val``).
+    val_feature_indices_ : ndarray of int or None
+        Validation samples used as the columns of ``contribution_matrix_``.
+    trajectory_ : hydraclean.training.Trajectory
+        The recorded training run (replayable).
+    device_ : torch.device
+
+    See Also
+    --------
+    HydraSampler : The same cleaner as an imbalanced-learn sampler.
+
+    References
+    ----------
+    Y. Chen, B. Li, H. Yu, P. Wu, C. Miao. "HYDRA: Hypergradient Data
+    Relevance Analysis for Interpreting Deep Neural Networks." AAAI 2021.
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> from hydraclean import HydraLabelCleaner
+    >>> rng = np.random.RandomState(0)
+    >>> X = rng.normal(size=(60, 4)).astype("float32"); y = (X[:, 0] > 0).astype(int)
+    >>> cleaner = HydraLabelCleaner(torch.nn.Linear(4, 2), drop_fraction=0.1,
+    ...                             max_epochs=2, batch_size=16, random_state=0)
+    >>> X_clean = cleaner.fit_transform(X, y, X_val=X[:20], y_val=y[:20])
+    >>> X_clean.shape
+    (54, 4)
+    """
+
+    def fit_transform(self, X, y, **fit_params):
+        """Fit, then return the kept rows ``X[support_]``.
+
+        Parameters
+        ----------
+        X, y : array-like
+            As in :meth:`fit`.
+        **fit_params
+            ``X_val``, ``y_val`` or ``validation_mask``, passed to :meth:`fit`.
+
+        Returns
+        -------
+        X_clean : same container as X, shape (n_kept, ...)
+        """
+        return select_rows(X, self.fit(X, y, **fit_params).support_)
+
+    def transform(self, X):
+        """Return ``X`` unchanged: cleaning happens at training time only.
+
+        Parameters
+        ----------
+        X : array-like
+
+        Returns
+        -------
+        X : the same object
+        """
+        check_is_fitted(self)
+        return X
+
+
+class HydraSampler(_HydraBase):
+    """HYDRA as an imbalanced-learn sampler: ``fit_resample`` drops flagged rows.
+
+    Same parameters and fitted attributes as :class:`HydraLabelCleaner`. It
+    has no ``transform``, so imbalanced-learn's Pipeline accepts it before a
+    final classifier; the sampler acts only when the pipeline is fitted.
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> from hydraclean import HydraSampler
+    >>> rng = np.random.RandomState(0)
+    >>> X = rng.normal(size=(60, 4)).astype("float32"); y = (X[:, 0] > 0).astype(int)
+    >>> sampler = HydraSampler(torch.nn.Linear(4, 2), max_epochs=2, random_state=0)
+    >>> X_res, y_res = sampler.fit_resample(X, y, X_val=X[:20], y_val=y[:20])
+    >>> X_res.shape
+    (54, 4)
+    """

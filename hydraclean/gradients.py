@@ -1,0 +1,243 @@
+"""Per-sample losses, gradients, directional derivatives and Hessian-vector products.
+
+Everything here is a pure function of a parameter dict, built on ``torch.func``.
+Parameters travel either as a dict ``{name: tensor}`` (for ``functional_call``)
+or flattened into one vector of length ``|w|`` in ``named_parameters`` order;
+:func:`flatten` and :func:`unflatten` convert.
+
+"Per-sample gradient" means what DESIGN.md §1 fixes: the gradient of sample
+``i``'s own loss term as computed in that training step's forward pass. With
+BatchNorm in train mode, ``l_i`` depends on the whole batch through the batch
+statistics, so the per-sample gradients are the rows of the Jacobian of the
+batch's loss vector (:func:`per_sample_gradients` uses ``jacrev`` then).
+Dropout masks are those of the step, provided the caller runs these functions
+under the step's seed (:func:`hydraclean.training.step_rng`).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jacrev, jvp, replace_all_batch_norm_modules_, vmap
+
+__all__ = [
+    "PerSampleLoss",
+    "directional_derivatives",
+    "flatten",
+    "hessian_vector_products",
+    "is_sample_separable",
+    "parameter_dict",
+    "per_sample_gradients",
+    "unflatten",
+    "validation_gradients",
+]
+
+Params = dict[str, torch.Tensor]
+
+with warnings.catch_warnings():
+    # torch's own jvp decompositions call the deprecated torch.jit.script when
+    # first imported (lazily, by the first jvp); keep that internal notice quiet.
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+    import torch._decomp.decompositions_for_jvp  # noqa: F401
+
+
+def parameter_dict(model: nn.Module) -> Params:
+    """The trainable parameters of ``model`` as a detached dict (no copy)."""
+    return {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def flatten(tensors: Params, batch_dims: int = 0) -> torch.Tensor:
+    """Concatenate a parameter-shaped dict into shape ``(*batch, |w|)``."""
+    parts = [t.reshape(*t.shape[:batch_dims], -1) for t in tensors.values()]
+    return torch.cat(parts, dim=batch_dims)
+
+
+def unflatten(flat: torch.Tensor, like: Params) -> Params:
+    """Inverse of :func:`flatten`: split the last axis of ``flat`` into ``like``'s shapes."""
+    out, start = {}, 0
+    batch = flat.shape[:-1]
+    for name, ref in like.items():
+        out[name] = flat[..., start : start + ref.numel()].reshape(*batch, *ref.shape)
+        start += ref.numel()
+    return out
+
+
+def is_sample_separable(module: nn.Module) -> bool:
+    """Whether each sample's train-mode loss depends on that sample alone, deterministically.
+
+    False when the module holds BatchNorm (batch statistics couple the
+    samples) or Dropout (the step's random mask must be reproduced for the
+    whole batch at once). Separable modules get per-sample gradients by
+    ``vmap(grad)`` in one pass; others by the batch Jacobian, which costs one
+    backward pass per sample in the batch.
+    """
+    coupled = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+    return not any(isinstance(m, coupled) for m in module.modules())
+
+
+class PerSampleLoss:
+    """Train-mode per-sample losses as a pure function ``(params, x, y) -> (b,)``.
+
+    Parameters
+    ----------
+    module : nn.Module
+        Architecture to evaluate. A private copy is kept in train mode with
+        BatchNorm's running statistics removed, so calls use the batch
+        statistics (as the training step does) and never mutate buffers,
+        which also makes the function safe under ``vmap``.
+    criterion : nn.Module
+        Loss with ``reduction="none"``.
+    """
+
+    def __init__(self, module: nn.Module, criterion: nn.Module) -> None:
+        self.module = copy.deepcopy(module).train()
+        replace_all_batch_norm_modules_(self.module)
+        self.buffers = dict(self.module.named_buffers())
+        self.criterion = criterion
+        self.separable = is_sample_separable(module)
+
+    def __call__(self, params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.criterion(functional_call(self.module, (params, self.buffers), (x,)), y)
+
+    def mean(self, params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self(params, x, y).mean()
+
+    def single(self, params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self(params, x.unsqueeze(0), y.unsqueeze(0)).squeeze(0)
+
+
+def per_sample_gradients(
+    loss: PerSampleLoss, params: Params, x: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
+    """Gradients of each sample's loss term, shape ``(b, |w|)``.
+
+    Separable modules: ``vmap(grad)``; otherwise the rows of the Jacobian of
+    the batch's loss vector (``jacrev``), which is exact for BatchNorm and
+    Dropout.
+    """
+    if loss.separable:
+        grads = vmap(grad(loss.single), in_dims=(None, 0, 0))(params, x, y)
+    else:
+        grads = jacrev(loss)(params, x, y)
+    return flatten(grads, batch_dims=1)
+
+
+def directional_derivatives(
+    loss: PerSampleLoss,
+    params: Params,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    directions: torch.Tensor,
+) -> torch.Tensor:
+    """``D[i, k] = <grad l_i(w), V_k>`` for every sample of the batch.
+
+    Parameters
+    ----------
+    directions : Tensor of shape (K, |w|)
+
+    Returns
+    -------
+    D : Tensor of shape (b, K)
+
+    Notes
+    -----
+    One direction is a single forward-mode JVP of the batch's loss vector
+    (about one extra forward pass, exact for any module). Several directions
+    use the per-sample gradients and one matrix product.
+    """
+    if directions.shape[0] == 1:
+        tangent = unflatten(directions[0], params)
+        _, d = jvp(lambda p: loss(p, x, y), (params,), (tangent,))
+        return d.unsqueeze(1)
+    return per_sample_gradients(loss, params, x, y) @ directions.T
+
+
+def hessian_vector_products(
+    loss: PerSampleLoss,
+    params: Params,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    vectors: torch.Tensor,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """``H v`` for each row ``v`` of ``vectors``, ``H`` the Hessian of the batch's mean loss.
+
+    Forward-over-reverse (``jvp`` of ``grad``), vectorised over the vectors
+    with ``vmap``; one dropout mask is shared by all of them
+    (``randomness="same"``), the step's own under the step's seed.
+
+    Parameters
+    ----------
+    vectors : Tensor of shape (K, |w|)
+    chunk_size : int, optional
+        Vectors per vectorised call, to bound memory.
+
+    Returns
+    -------
+    Hv : Tensor of shape (K, |w|)
+    """
+    gradient = grad(loss.mean)
+
+    def hvp(v: torch.Tensor) -> torch.Tensor:
+        _, out = jvp(lambda p: gradient(p, x, y), (params,), (unflatten(v, params),))
+        return flatten(out)
+
+    return vmap(hvp, randomness="same", chunk_size=chunk_size)(vectors)
+
+
+def validation_gradients(
+    model: nn.Module,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    criterion: nn.Module,
+    rows: torch.Tensor | None = None,
+    batch_size: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gradients of the validation loss at the model's weights, in eval mode.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Trained model (``w_T``); evaluated in eval mode on a copy.
+    X, y : Tensor
+        Validation inputs and integer targets.
+    criterion : nn.Module
+        Per-sample loss with ``reduction="none"``.
+    rows : Tensor of int, optional
+        Validation samples ``j`` whose own gradients ``G_j`` are wanted.
+    batch_size : int
+        Samples per vectorised call.
+
+    Returns
+    -------
+    mean_gradient : Tensor of shape (|w|,)
+        ``grad L_val(w_T)`` with ``L_val`` the mean validation loss.
+    G : Tensor of shape (len(rows), |w|) or None
+        ``grad l_j^val(w_T)`` for each requested row.
+    """
+    model = copy.deepcopy(model).eval()
+    params = parameter_dict(model)
+    buffers = dict(model.named_buffers())
+
+    def batch_loss(p: Params, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        return criterion(functional_call(model, (p, buffers), (xb,)), yb).sum()
+
+    def single_loss(p: Params, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        return batch_loss(p, xi.unsqueeze(0), yi.unsqueeze(0))
+
+    total = torch.zeros(sum(p.numel() for p in params.values()), dtype=X.dtype, device=X.device)
+    for start in range(0, X.shape[0], batch_size):
+        total += flatten(grad(batch_loss)(params, X[start : start + batch_size], y[start : start + batch_size]))
+    per_sample = None
+    if rows is not None:
+        per_sample_grad = vmap(grad(single_loss), in_dims=(None, 0, 0))
+        per_sample = torch.cat(
+            [
+                flatten(per_sample_grad(params, X[r], y[r]), batch_dims=1)
+                for r in torch.split(rows, batch_size)
+            ]
+        )
+    return total / X.shape[0], per_sample

@@ -1,0 +1,303 @@
+"""Mini-batch SGD that records its own trajectory, and replays it.
+
+One loop, :func:`run_sgd`, serves both the training run and every later replay.
+Replaying the same :class:`Trajectory` (initial weights, batch order, per-step
+learning rate and per-step random seed) through the same code visits the same
+weights ``w_0 .. w_T``: bit-identical on CPU. Each step's forward pass runs
+under its own seed inside :func:`step_rng`, so dropout masks can be drawn again
+by any later computation that needs "the gradient as computed in that step".
+
+The update is exactly ``torch.optim.SGD`` (dampening 0, no Nesterov), with
+weight decay on every parameter::
+
+    g_t = mean_{i in B_t} grad l_i(w_{t-1}) + lam * w_{t-1}
+    v_t = p * v_{t-1} + g_t
+    w_t = w_{t-1} - eta_t * v_t
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .schedules import Schedule, learning_rates
+
+__all__ = ["Trajectory", "evaluate_model", "plan_trajectory", "replay", "run_sgd", "step_rng", "train"]
+
+# on_step(model, t, indices, xb, yb) sees the weights w_{t-1} in the model before step t.
+StepCallback = Callable[[nn.Module, int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+@dataclass
+class Trajectory:
+    """Everything needed to replay a training run step by step.
+
+    Attributes
+    ----------
+    order : ndarray of shape (n_epochs, n_samples), int64
+        The sample order of each epoch; step ``t`` of an epoch takes the next
+        ``batch_size`` entries (the last batch may be smaller).
+    batch_size : int
+    lrs : ndarray of shape (n_steps,), float64
+        Learning rate ``eta_t`` of each step.
+    seeds : ndarray of shape (n_steps,), int64
+        Seed of each step's forward pass (dropout masks).
+    momentum : float
+    weight_decay : float
+    initial_state : dict of str to Tensor
+        ``state_dict`` of the module at ``w_0`` (on CPU), set by :func:`train`.
+    """
+
+    order: np.ndarray
+    batch_size: int
+    lrs: np.ndarray
+    seeds: np.ndarray
+    momentum: float
+    weight_decay: float
+    initial_state: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.order.shape[1])
+
+    @property
+    def n_steps(self) -> int:
+        return int(self.lrs.shape[0])
+
+    def batches(self) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(epoch, indices)`` for every step, in order."""
+        for epoch, perm in enumerate(self.order):
+            for start in range(0, perm.shape[0], self.batch_size):
+                yield epoch, perm[start : start + self.batch_size]
+
+    def batch_sizes(self) -> np.ndarray:
+        """Actual batch size ``b_t`` of every step, shape (n_steps,)."""
+        n, bs = self.n_samples, self.batch_size
+        per_epoch = [min(bs, n - s) for s in range(0, n, bs)]
+        return np.tile(np.asarray(per_epoch, dtype=np.int64), self.order.shape[0])
+
+
+def plan_trajectory(
+    n_samples: int,
+    *,
+    batch_size: int,
+    max_epochs: int,
+    lr: float,
+    lr_schedule: str | Schedule,
+    momentum: float,
+    weight_decay: float,
+    seed: int,
+) -> Trajectory:
+    """Draw the batch order and step seeds of a training run from one seed.
+
+    Returns
+    -------
+    trajectory : Trajectory
+        Without ``initial_state``; :func:`train` fills it in.
+    """
+    rng = np.random.default_rng(seed)
+    order = np.stack([rng.permutation(n_samples) for _ in range(max_epochs)])
+    steps_per_epoch = [-(-n_samples // batch_size)] * max_epochs
+    lrs = learning_rates(lr, lr_schedule, steps_per_epoch)
+    seeds = rng.integers(0, 2**62, size=lrs.shape[0], dtype=np.int64)
+    return Trajectory(order, int(batch_size), lrs, seeds, float(momentum), float(weight_decay))
+
+
+@contextlib.contextmanager
+def step_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Run the body under ``seed`` without disturbing the caller's RNG state."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type):
+        torch.manual_seed(int(seed))
+        yield
+
+
+def run_sgd(
+    model: nn.Module,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    criterion: nn.Module,
+    trajectory: Trajectory,
+    *,
+    on_step: StepCallback | None = None,
+    on_epoch_end: Callable[[int], None] | None = None,
+    progress: Callable[[Iterator], Iterator] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train ``model`` in place along ``trajectory``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Holds ``w_0`` on entry and ``w_T`` on return; trained in train mode.
+    X, y : Tensor
+        All training inputs and integer targets, on the model's device.
+    criterion : nn.Module
+        Per-sample loss with ``reduction="none"``.
+    trajectory : Trajectory
+    on_step : callable, optional
+        ``on_step(model, t, indices, xb, yb)`` is called before step ``t`` (0-based)
+        while the model holds ``w_{t-1}``. It must not modify the model.
+    on_epoch_end : callable, optional
+        ``on_epoch_end(epoch)`` after the last step of each epoch.
+    progress : callable, optional
+        Wraps the iterator over epochs (a progress bar).
+
+    Returns
+    -------
+    step_loss : Tensor of shape (n_steps,)
+        Mean training loss of each step's batch, on the model's device.
+    step_correct : Tensor of shape (n_steps,)
+        Number of correctly classified samples in each batch.
+
+    Raises
+    ------
+    FloatingPointError
+        When a step's loss is not finite (checked once per epoch so that the
+        GPU is not synchronised at every step).
+    """
+    model.train()
+    device = X.device
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=float(trajectory.lrs[0]),
+        momentum=trajectory.momentum,
+        weight_decay=trajectory.weight_decay,
+    )
+    step_loss = torch.empty(trajectory.n_steps, dtype=X.dtype, device=device)
+    step_correct = torch.empty(trajectory.n_steps, dtype=torch.int64, device=device)
+    steps_per_epoch = -(-trajectory.n_samples // trajectory.batch_size)
+    epochs = range(trajectory.order.shape[0])
+    for epoch in progress(epochs) if progress else epochs:
+        first = epoch * steps_per_epoch
+        for t in range(first, first + steps_per_epoch):
+            start = (t - first) * trajectory.batch_size
+            idx = torch.as_tensor(
+                trajectory.order[epoch, start : start + trajectory.batch_size],
+                device=device,
+            )
+            xb, yb = X[idx], y[idx]
+            if on_step is not None:
+                on_step(model, t, idx, xb, yb)
+            for group in optimizer.param_groups:
+                group["lr"] = float(trajectory.lrs[t])
+            with step_rng(trajectory.seeds[t], device):
+                logits = model(xb)
+            loss = criterion(logits, yb).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step_loss[t] = loss.detach()
+            step_correct[t] = (logits.detach().argmax(1) == yb).sum()
+        _check_finite(step_loss[first : first + steps_per_epoch], epoch, first, trajectory)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch)
+    return step_loss, step_correct
+
+
+def _check_finite(losses: torch.Tensor, epoch: int, first: int, trajectory: Trajectory) -> None:
+    bad = torch.nonzero(~torch.isfinite(losses))
+    if bad.numel():
+        t = first + int(bad[0])
+        raise FloatingPointError(
+            f"The training loss became non-finite at epoch {epoch + 1}, step {t + 1} "
+            f"(learning rate {trajectory.lrs[t]:.3g}). Lower lr (or weight_decay / "
+            "momentum), or scale the inputs."
+        )
+
+
+def train(
+    module: nn.Module,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    criterion: nn.Module,
+    trajectory: Trajectory,
+    *,
+    on_step: StepCallback | None = None,
+    validation: tuple[torch.Tensor, torch.Tensor] | None = None,
+    progress: Callable[[Iterator], Iterator] | None = None,
+) -> tuple[nn.Module, dict[str, list[float]]]:
+    """Train a copy of ``module`` along ``trajectory`` and record ``w_0``.
+
+    Parameters
+    ----------
+    module : nn.Module
+        Untouched; its weights are ``w_0``. Must already be on ``X.device``.
+    X, y, criterion, trajectory, on_step, progress
+        As in :func:`run_sgd`.
+    validation : (X_val, y_val), optional
+        Evaluated in eval mode after every epoch for the history.
+
+    Returns
+    -------
+    model : nn.Module
+        The trained copy (``w_T``).
+    history : dict of str to list of float
+        Per-epoch ``train_loss``, ``train_accuracy`` and, with ``validation``,
+        ``valid_loss`` and ``valid_accuracy``.
+    """
+    model = copy.deepcopy(module)
+    trajectory.initial_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    history: dict[str, list[float]] = {"valid_loss": [], "valid_accuracy": []}
+
+    def evaluate(epoch: int) -> None:
+        if validation is None:
+            return
+        loss, acc = evaluate_model(model, *validation, criterion)
+        history["valid_loss"].append(loss)
+        history["valid_accuracy"].append(acc)
+        model.train()
+
+    step_loss, step_correct = run_sgd(
+        model, X, y, criterion, trajectory, on_step=on_step, on_epoch_end=evaluate, progress=progress
+    )
+    sizes = torch.as_tensor(trajectory.batch_sizes(), device=X.device)
+    n_epochs = trajectory.order.shape[0]
+    history["train_loss"] = (
+        (step_loss * sizes).reshape(n_epochs, -1).sum(1) / trajectory.n_samples
+    ).tolist()
+    history["train_accuracy"] = (
+        step_correct.reshape(n_epochs, -1).sum(1).double() / trajectory.n_samples
+    ).tolist()
+    if validation is None:
+        del history["valid_loss"], history["valid_accuracy"]
+    return model, history
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: nn.Module, X: torch.Tensor, y: torch.Tensor, criterion: nn.Module, batch_size: int = 1024
+) -> tuple[float, float]:
+    """Mean loss and accuracy of ``model`` in eval mode."""
+    model.eval()
+    total, correct = 0.0, 0
+    for start in range(0, X.shape[0], batch_size):
+        logits = model(X[start : start + batch_size])
+        yb = y[start : start + batch_size]
+        total += float(criterion(logits, yb).sum())
+        correct += int((logits.argmax(1) == yb).sum())
+    return total / X.shape[0], correct / X.shape[0]
+
+
+def replay(
+    trajectory: Trajectory,
+    module: nn.Module,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    criterion: nn.Module,
+    on_step: StepCallback,
+    progress: Callable[[Iterator], Iterator] | None = None,
+) -> None:
+    """Walk the recorded trajectory again from ``w_0``, calling ``on_step`` at each step.
+
+    ``module`` supplies the architecture; its weights are replaced by the
+    recorded ``w_0``. The replayed weights are those of the original run.
+    """
+    model = copy.deepcopy(module)
+    model.load_state_dict(trajectory.initial_state)
+    run_sgd(model, X, y, criterion, trajectory, on_step=on_step, progress=progress)

@@ -1,0 +1,142 @@
+"""Independent, deliberately plain references for the HYDRA math.
+
+Nothing here uses hydraclean's gradients or hypergradient code: the SGD update
+is written out by hand, per-sample gradients come from one backward pass per
+sample, and the recursions loop over samples and steps in Python. Only the
+recorded schedule (batches, learning rates, seeds) is shared: it is the input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+
+@contextlib.contextmanager
+def seeded(seed):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        yield
+
+
+def split(flat, module):
+    """Flat vector -> {name: tensor} in named_parameters order (autograd-friendly)."""
+    out, start = {}, 0
+    for name, p in module.named_parameters():
+        out[name] = flat[start : start + p.numel()].reshape(p.shape)
+        start += p.numel()
+    return out
+
+
+def flat_params(module):
+    return torch.cat([p.detach().reshape(-1) for p in module.parameters()]).clone()
+
+
+def batches(traj):
+    for epoch, perm in enumerate(traj.order):
+        for s in range(0, perm.shape[0], traj.batch_size):
+            yield torch.as_tensor(perm[s : s + traj.batch_size])
+
+
+def unrolled_weights(module, w0, X, y, traj, eps, criterion):
+    """w_T as a differentiable function of the sample weights eps (N,).
+
+    Mini-batch loss: sum_{i in B} (1/b + (N/b) eps_i) l_i, plus torch.optim.SGD's
+    momentum and weight decay written out by hand; create_graph keeps every step
+    differentiable with respect to eps.
+    """
+    n = X.shape[0]
+    w = w0.clone() if w0.requires_grad else w0.clone().requires_grad_(True)
+    v = torch.zeros_like(w0)
+    for t, idx in enumerate(batches(traj)):
+        b = idx.numel()
+        with seeded(traj.seeds[t]):
+            losses = criterion(functional_call(module, split(w, module), (X[idx],)), y[idx])
+        loss = ((1.0 / b + (n / b) * eps[idx]) * losses).sum()
+        (g,) = torch.autograd.grad(loss, w, create_graph=True)
+        g = g + traj.weight_decay * w
+        v = traj.momentum * v + g
+        w = w - float(traj.lrs[t]) * v
+    return w
+
+
+def val_loss(module, w, X_val, y_val, criterion):
+    module.eval()
+    out = criterion(functional_call(module, split(w, module), (X_val,)), y_val).mean()
+    module.train()
+    return out
+
+
+def unrolled_contributions(module, X, y, X_val, y_val, traj, criterion):
+    """C(i) = -(1/N) dL_val(w_T(eps))/d eps_i at eps = 0, and nabla_T (N, |w|)."""
+    n = X.shape[0]
+    module.train()
+    w0 = flat_params(module).requires_grad_(True)
+    eps = torch.zeros(n, dtype=X.dtype, requires_grad=True)
+    w_T = unrolled_weights(module, w0, X, y, traj, eps, criterion)
+    (dL,) = torch.autograd.grad(val_loss(module, w_T, X_val, y_val, criterion), eps, retain_graph=True)
+    nabla = torch.stack(
+        [torch.autograd.grad(w_T[k], eps, retain_graph=True)[0] for k in range(w_T.numel())], dim=1
+    )
+    return -dL / n, nabla.detach(), w_T.detach()
+
+
+def brute_per_sample_grads(module, w, xb, yb, seed, criterion):
+    """(b, |w|): one backward pass per sample through one batch forward (step's mask, batch stats)."""
+    wr = w.detach().clone().requires_grad_(True)
+    with seeded(seed):
+        losses = criterion(functional_call(module, split(wr, module), (xb,)), yb)
+    rows = [torch.autograd.grad(losses[k], wr, retain_graph=True)[0] for k in range(xb.shape[0])]
+    return torch.stack(rows), losses.detach()
+
+
+def free_recurrence(module, X, y, X_val, y_val, traj, criterion):
+    """Hessian-free C(i): per-sample state vectors (nabla_i, dv_i) updated at every step."""
+    n = X.shape[0]
+    module.train()
+    w = flat_params(module)
+    v = torch.zeros_like(w)
+    nabla = torch.zeros(n, w.numel(), dtype=w.dtype)
+    dv = torch.zeros_like(nabla)
+    p, lam = traj.momentum, traj.weight_decay
+    for t, idx in enumerate(batches(traj)):
+        b, eta = idx.numel(), float(traj.lrs[t])
+        grads, _ = brute_per_sample_grads(module, w, X[idx], y[idx], traj.seeds[t], criterion)
+        for i in range(n):  # plain loop over every sample, in batch or not
+            u = torch.zeros_like(w)
+            hits = (idx == i).nonzero()
+            if hits.numel():
+                u = (n / b) * grads[int(hits[0])]
+            dv[i] = p * dv[i] + lam * nabla[i] + u
+            nabla[i] = nabla[i] - eta * dv[i]
+        g = grads.mean(0) + lam * w
+        v = p * v + g
+        w = w - eta * v
+    wr = w.clone().requires_grad_(True)
+    (g_val,) = torch.autograd.grad(val_loss(module, wr, X_val, y_val, criterion), wr)
+    return -(nabla @ g_val) / n, nabla, w
+
+
+def relative_error(a, b):
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    return float((a - b).norm() / b.norm())
+
+
+def tiny_mlp(d_in=3, n_classes=3, hidden=5, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, n_classes)).double()
+
+
+def tiny_bn_cnn(n_classes=3, seed=0, track_running_stats=True):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3),
+        nn.BatchNorm2d(3, track_running_stats=track_running_stats),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Dropout(0.3),
+        nn.Linear(3 * 3 * 3, n_classes),
+    ).double()

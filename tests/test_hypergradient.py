@@ -1,0 +1,176 @@
+"""The HYDRA math against independent computations, in float64."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from hydraclean.contribution import fit_contributions
+from hydraclean.hypergradient import ExactTracker, replay_coefficients
+from hydraclean.schedules import ExponentialDecay
+from hydraclean.training import plan_trajectory, train
+
+from . import reference as ref
+
+CE = nn.CrossEntropyLoss(reduction="none")
+
+# (n_samples, batch_size, epochs): full batch; shuffled mini-batches with a smaller last batch
+SETTINGS = [(6, 6, 4), (10, 4, 3)]
+
+
+def data(n, shape=(3,), n_classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, *shape, generator=g, dtype=torch.float64)
+    y = torch.arange(n) % n_classes
+    Xv = torch.randn(7, *shape, generator=g, dtype=torch.float64)
+    yv = torch.arange(7) % n_classes
+    return X, y, Xv, yv
+
+
+def plan(n, batch_size, epochs, momentum=0.9, weight_decay=0.05, lr=0.3):
+    return plan_trajectory(
+        n,
+        batch_size=batch_size,
+        max_epochs=epochs,
+        lr=lr,
+        lr_schedule=ExponentialDecay(0.7),
+        momentum=momentum,
+        weight_decay=weight_decay,
+        seed=3,
+    )
+
+
+def test_replay_coefficients_match_explicit_matrix_products():
+    rng = np.random.default_rng(0)
+    lrs, p, lam = rng.uniform(0.01, 0.5, size=9), 0.8, 0.1
+    c = replay_coefficients(lrs, p, lam)
+    for t in range(len(lrs)):
+        prod = np.eye(2)
+        for s in range(len(lrs) - 1, t, -1):
+            prod = prod @ np.array([[1 - lrs[s] * lam, -lrs[s] * p], [lam, p]])
+        assert c[t] == pytest.approx((prod @ np.array([-lrs[t], 1.0]))[0], rel=1e-12)
+
+
+@pytest.mark.parametrize("n,batch_size,epochs", SETTINGS)
+def test_training_follows_torch_sgd_written_out(n, batch_size, epochs):
+    X, y, Xv, yv = data(n)
+    module = ref.tiny_mlp()
+    traj = plan(n, batch_size, epochs)
+    model, _ = train(module, X, y, CE, traj)
+    w_ref = ref.unrolled_weights(module, ref.flat_params(module), X, y, traj, torch.zeros(n, dtype=torch.float64), CE)
+    assert ref.relative_error(ref.flat_params(model), w_ref.detach()) < 1e-12
+
+
+@pytest.mark.parametrize("n,batch_size,epochs", SETTINGS)
+def test_exact_equals_derivative_of_unrolled_training(n, batch_size, epochs):
+    X, y, Xv, yv = data(n)
+    module = ref.tiny_mlp()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    C_ref, nabla_ref, _ = ref.unrolled_contributions(module, X, y, Xv, yv, plan(n, batch_size, epochs), CE)
+
+    traj = plan(n, batch_size, epochs)
+    tracker = ExactTracker(module, CE, traj, torch.arange(n))
+    train(module, X, y, CE, traj, on_step=tracker)
+    assert ref.relative_error(tracker.nabla, nabla_ref) < 1e-6
+
+    result = fit_contributions(module, X, y, Xv, yv, criterion=CE, trajectory=plan(n, batch_size, epochs), hessian="exact")
+    assert ref.relative_error(result.contribution, C_ref) < 1e-6
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+
+def test_exact_with_batchnorm_and_dropout_equals_unrolled_training():
+    n = 8
+    X, y, Xv, yv = data(n, shape=(1, 5, 5))
+    module = ref.tiny_bn_cnn(track_running_stats=False)
+    C_ref, nabla_ref, _ = ref.unrolled_contributions(module, X, y, Xv, yv, plan(n, 3, 2, lr=0.1), CE)
+    traj = plan(n, 3, 2, lr=0.1)
+    tracker = ExactTracker(module, CE, traj, torch.arange(n))
+    train(module, X, y, CE, traj, on_step=tracker)
+    assert ref.relative_error(tracker.nabla, nabla_ref) < 1e-6
+    result = fit_contributions(module, X, y, Xv, yv, criterion=CE, trajectory=plan(n, 3, 2, lr=0.1), hessian="exact")
+    assert ref.relative_error(result.contribution, C_ref) < 1e-6
+
+
+def test_exact_subset_tracks_only_those_samples():
+    n = 10
+    X, y, Xv, yv = data(n)
+    module = ref.tiny_mlp()
+    full = fit_contributions(module, X, y, Xv, yv, criterion=CE, trajectory=plan(n, 4, 2), hessian="exact")
+    subset = torch.tensor([1, 4, 7])
+    part = fit_contributions(
+        module, X, y, Xv, yv, criterion=CE, trajectory=plan(n, 4, 2), hessian="exact", exact_indices=subset
+    )
+    assert np.isnan(np.delete(part.contribution, subset)).all()
+    np.testing.assert_allclose(part.contribution[subset], full.contribution[subset], rtol=1e-12)
+
+
+@pytest.mark.parametrize("n,batch_size,epochs", SETTINGS)
+def test_free_equals_plain_per_sample_recurrence(n, batch_size, epochs):
+    X, y, Xv, yv = data(n)
+    module = ref.tiny_mlp()
+    C_ref, _, _ = ref.free_recurrence(module, X, y, Xv, yv, plan(n, batch_size, epochs), CE)
+    result = fit_contributions(module, X, y, Xv, yv, criterion=CE, trajectory=plan(n, batch_size, epochs))
+    assert ref.relative_error(result.contribution, C_ref) < 1e-9
+
+
+def test_free_with_batchnorm_and_dropout_equals_plain_recurrence():
+    n = 8
+    X, y, Xv, yv = data(n, shape=(1, 5, 5))
+    module = ref.tiny_bn_cnn(track_running_stats=False)
+    C_ref, _, _ = ref.free_recurrence(module, X, y, Xv, yv, plan(n, 3, 2, lr=0.1), CE)
+    result = fit_contributions(module, X, y, Xv, yv, criterion=CE, trajectory=plan(n, 3, 2, lr=0.1))
+    assert ref.relative_error(result.contribution, C_ref) < 1e-9
+
+
+def test_free_tracker_vectors_equal_plain_recurrence():
+    n = 10
+    X, y, Xv, yv = data(n)
+    module = ref.tiny_mlp()
+    _, nabla_ref, _ = ref.free_recurrence(module, X, y, Xv, yv, plan(n, 4, 3), CE)
+    traj = plan(n, 4, 3)
+    tracker = ExactTracker(module, CE, traj, torch.arange(n), with_hessian=False)
+    train(module, X, y, CE, traj, on_step=tracker)
+    assert ref.relative_error(tracker.nabla, nabla_ref) < 1e-9
+
+
+def test_free_and_exact_agree_after_one_step():
+    n = 6
+    X, y, Xv, yv = data(n)
+    module = ref.tiny_mlp()
+    free = fit_contributions(module, X, y, Xv, yv, criterion=CE, trajectory=plan(n, n, 1))
+    exact = fit_contributions(module, X, y, Xv, yv, criterion=CE, trajectory=plan(n, n, 1), hessian="exact")
+    np.testing.assert_allclose(free.contribution, exact.contribution, rtol=1e-10)
+    two_free = fit_contributions(module, X, y, Xv, yv, criterion=CE, trajectory=plan(n, n, 2))
+    two_exact = fit_contributions(module, X, y, Xv, yv, criterion=CE, trajectory=plan(n, n, 2), hessian="exact")
+    assert not np.allclose(two_free.contribution, two_exact.contribution, rtol=1e-10)
+
+
+@pytest.mark.parametrize("hessian", ["free", "exact"])
+def test_contribution_is_mean_of_matrix_over_the_whole_validation_set(hessian):
+    n = 10
+    X, y, Xv, yv = data(n)
+    result = fit_contributions(
+        ref.tiny_mlp(), X, y, Xv, yv, criterion=CE, trajectory=plan(n, 4, 3), hessian=hessian,
+        val_rows=torch.arange(Xv.shape[0]),
+    )
+    assert result.contribution_matrix.shape == (n, Xv.shape[0])
+    np.testing.assert_allclose(result.contribution_matrix.mean(1), result.contribution, rtol=1e-10)
+
+
+def test_contribution_predicts_leave_one_out_change_for_a_small_weight():
+    """First-order meaning of C(i): d L_val / d eps_i by central differences of retraining."""
+    n = 10
+    X, y, Xv, yv = data(n)
+    module = ref.tiny_mlp()
+    traj = plan(n, 4, 3)
+    result = fit_contributions(module, X, y, Xv, yv, criterion=CE, trajectory=plan(n, 4, 3), hessian="exact")
+    h, i = 1e-5, 3
+    w0 = ref.flat_params(module)
+    losses = []
+    for sign in (1, -1):
+        eps = torch.zeros(n, dtype=torch.float64)
+        eps[i] = sign * h
+        w = ref.unrolled_weights(module, w0.requires_grad_(True), X, y, traj, eps, CE)
+        losses.append(float(ref.val_loss(module, w, Xv, yv, CE).detach()))
+    fd = -(losses[0] - losses[1]) / (2 * h) / n
+    assert result.contribution[i] == pytest.approx(fd, rel=1e-5)
