@@ -22,7 +22,7 @@ from torch import nn
 
 from .gradients import validation_gradients
 from .hypergradient import ExactTracker, free_projections
-from .training import Trajectory, train
+from .training import Progress, Trajectory, train
 
 __all__ = ["HydraResult", "contributions_from_projections", "fit_contributions"]
 
@@ -71,7 +71,7 @@ def fit_contributions(
     val_rows: torch.Tensor | None = None,
     exact_indices: torch.Tensor | None = None,
     chunk_size: int | None = None,
-    progress: Callable[[Iterator], Iterator] | None = None,
+    progress: Progress | None = None,
 ) -> HydraResult:
     """Train along ``trajectory`` and score every training sample against the validation set.
 

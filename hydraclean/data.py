@@ -6,8 +6,6 @@ read-only ones included), torch tensors, nested lists.
 
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
@@ -16,38 +14,59 @@ from sklearn.utils import _safe_indexing
 __all__ = ["check_features", "check_labels", "resolve_validation_rows", "select_rows"]
 
 
-def check_features(X, name: str = "X") -> np.ndarray:
-    """Return ``X`` as a finite, numeric numpy array of shape (n_samples, ...).
+def check_features(X, name: str = "X", copy: bool = True) -> np.ndarray:
+    """Return ``X`` as a finite, real, numeric numpy array of shape (n_samples, ...).
+
+    Parameters
+    ----------
+    X : array-like, torch tensor or nested list
+    name : str
+        How error messages call it.
+    copy : bool, default=True
+        Always copy (the result may then be handed to torch safely); False
+        only checks, avoiding a copy where possible.
 
     Raises
     ------
     TypeError
-        When ``X`` is not numeric.
+        When ``X`` is sparse or not numeric.
     ValueError
-        When ``X`` is empty, 1-D or scalar, or holds NaN or inf.
+        When ``X`` is complex, empty, has no features, is 1-D or scalar, or
+        holds NaN or inf.
     """
     if isinstance(X, torch.Tensor):
         X = X.detach().cpu().numpy()
-    if hasattr(X, "sparse") or type(X).__module__.startswith("scipy.sparse"):
+    if type(X).__module__.startswith("scipy.sparse"):
         raise TypeError(f"{name} is a sparse matrix; hydraclean needs dense input: pass {name}.toarray().")
     try:
-        arr = np.array(X)  # always a copy
+        arr = np.array(X) if copy else np.asarray(X)
     except ValueError as exc:
         raise ValueError(f"{name} could not be turned into an array ({exc}); rows must share one shape.") from exc
-    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+    if np.iscomplexobj(arr):
+        raise ValueError(f"Complex data not supported: {name} is complex; hydraclean needs real numbers.")
+    if arr.dtype == object:
+        try:
+            arr = arr.astype(np.float64)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(
+                f"{name} must hold numbers, but its objects could not be converted ({exc}); encode "
+                "categorical or text columns as numbers before cleaning."
+            ) from exc
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
         raise TypeError(
-            f"{name} must hold numbers, got dtype {arr.dtype}; encode categorical or text "
-            "columns as numbers before cleaning."
+            f"{name} must hold numbers, got dtype {arr.dtype}; encode categorical or text columns "
+            "as numbers before cleaning."
         )
     if arr.ndim < 2:
         raise ValueError(
-            f"{name} must have shape (n_samples, ...) with at least 2 dimensions, got shape "
-            f"{arr.shape}; reshape a single feature with {name}.reshape(-1, 1)."
+            f"Expected a 2D array or more, got {arr.ndim}D {name}. Reshape your data either using "
+            f"{name}.reshape(-1, 1) if it has a single feature or {name}.reshape(1, -1) if it holds a "
+            "single sample; images go as (n_samples, channels, height, width)."
         )
     if arr.shape[0] == 0:
-        raise ValueError(f"{name} is empty (0 samples, shape {arr.shape}); pass at least one sample per class.")
-    if np.issubdtype(arr.dtype, np.complexfloating):
-        raise TypeError(f"{name} is complex; hydraclean needs real numbers.")
+        raise ValueError(f"{name} is empty: 0 sample(s) (shape={arr.shape}); pass at least one sample per class.")
+    if int(np.prod(arr.shape[1:])) == 0:
+        raise ValueError(f"{name} has 0 feature(s) (shape={arr.shape}) while a minimum of 1 is required.")
     if not np.all(np.isfinite(arr)):
         raise ValueError(
             f"{name} contains NaN or infinity; impute or drop those values first "
@@ -123,6 +142,6 @@ def select_rows(X, mask: np.ndarray):
     rows = np.flatnonzero(mask)
     if isinstance(X, torch.Tensor):
         return X[torch.as_tensor(rows, device=X.device)]
-    if isinstance(X, numbers.Number):
-        raise TypeError("X must be an array of samples.")
-    return _safe_indexing(X, rows)
+    if isinstance(X, (np.ndarray, list)) or hasattr(X, "iloc"):
+        return _safe_indexing(X, rows)
+    return np.asarray(X)[rows]

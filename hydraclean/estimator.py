@@ -49,6 +49,14 @@ _FITTED = (
 class _HydraBase(BaseEstimator):
     """Parameters, validation and ``fit`` shared by the cleaner and the sampler."""
 
+    _validation_hint = ""
+
+    # With scikit-learn's metadata routing enabled, the validation data are
+    # requested by default: routers (Pipeline, GridSearchCV, imbalanced-learn's
+    # Pipeline) pass them on without set_*_request calls.
+    __metadata_request__fit = {"X_val": True, "y_val": True, "validation_mask": True}
+    __metadata_request__fit_resample = {"X_val": True, "y_val": True, "validation_mask": True}
+
     _parameter_constraints: dict = {
         "module": [nn.Module, callable],
         "strategy": [StrOptions({"drop", "cluster"})],
@@ -137,43 +145,65 @@ class _HydraBase(BaseEstimator):
             setattr(self, name, fitted[name])
         return self
 
-    def fit_resample(self, X, y, **fit_params):
+    def fit_resample(self, X, y, X_val=None, y_val=None, validation_mask=None):
         """Fit, then return ``(X[support_], y[support_])``.
 
         Parameters
         ----------
-        X, y : array-like
+        X, y, X_val, y_val, validation_mask
             As in :meth:`fit`.
-        **fit_params
-            ``X_val``, ``y_val`` or ``validation_mask``.
 
         Returns
         -------
-        X_resampled, y_resampled
+        X_resampled : same container as X, shape (n_kept, ...)
+        y_resampled : same container as y, shape (n_kept,)
         """
-        support = self.fit(X, y, **fit_params).support_
+        support = self.fit(X, y, X_val=X_val, y_val=y_val, validation_mask=validation_mask).support_
         return select_rows(X, support), select_rows(y, support)
+
+    def __getstate__(self):
+        # Fitted tensors are pickled on the CPU so that a cleaner fitted on a GPU
+        # loads on a machine without one; __setstate__ moves them back when it can.
+        state = dict(super().__getstate__())  # object.__getstate__ returns the live __dict__
+        if isinstance(state.get("module_"), nn.Module):
+            state["module_"] = copy.deepcopy(state["module_"]).cpu()
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        device = state.get("device_")
+        if isinstance(state.get("module_"), nn.Module) and device is not None and device.type == "cuda":
+            if torch.cuda.is_available():
+                self.module_ = self.module_.to(device)
 
     # -- the steps of fit -------------------------------------------------------
 
     def _fit(self, X, y, X_val, y_val, validation_mask) -> dict:
-        rng = check_random_state(self.random_state)
+        # One child seed per use, drawn up front: the same random_state gives the same
+        # split, initialisation and training run whatever the strategy.
+        split_seed, init_seed, train_seed, feature_seed = check_random_state(self.random_state).randint(
+            np.iinfo(np.int32).max, size=4
+        )
         X_all = check_features(X)
         y_all = check_labels(y, X_all.shape[0])
+        if X_all.shape[0] < 2:
+            raise ValueError(
+                f"Found n_samples={X_all.shape[0]}: cleaning needs at least 2 samples of at least 2 classes."
+            )
         if (X_val is None) != (y_val is None):
             raise ValueError("Pass X_val and y_val together, or neither.")
         if X_val is not None and validation_mask is not None:
             raise ValueError("Pass either X_val/y_val or validation_mask, not both.")
         if X_val is None:
             val_mask, drawn = resolve_validation_rows(
-                X_all.shape[0], y_all, validation_mask, self.validation_fraction, rng
+                X_all.shape[0], y_all, validation_mask, self.validation_fraction, split_seed
             )
             if drawn:
                 warnings.warn(
                     f"No trusted validation set given: {val_mask.sum()} rows "
                     f"(validation_fraction={self.validation_fraction}) were held out of the "
                     "training data. Noisy validation labels weaken the scores; pass a clean "
-                    "X_val, y_val (or validation_mask) when you have one.",
+                    "X_val, y_val (or validation_mask) when you have one." + self._validation_hint,
                     UserWarning,
                     stacklevel=3,
                 )
@@ -204,7 +234,7 @@ class _HydraBase(BaseEstimator):
         y_v_enc = np.searchsorted(classes, y_v)
 
         device = self._resolve_device()
-        module = self._build_module(X_tr.shape[1:], classes.size, device, rng)
+        module = self._build_module(X_tr.shape[1:], classes.size, device, init_seed)
         dtype = _floating_dtype(module)
         criterion = self._resolve_criterion()
         to = lambda a, dt: torch.as_tensor(a, dtype=dt, device=device)  # noqa: E731
@@ -215,7 +245,7 @@ class _HydraBase(BaseEstimator):
         val_rows = None
         if self.strategy == "cluster":
             m = min(self.n_val_features, Xv.shape[0])
-            val_rows = np.sort(rng.choice(Xv.shape[0], size=m, replace=False))
+            val_rows = np.sort(np.random.RandomState(feature_seed).choice(Xv.shape[0], size=m, replace=False))
         exact_rows = self._exact_rows(val_mask) if self.hessian == "exact" else None
         trajectory = plan_trajectory(
             Xt.shape[0],
@@ -225,7 +255,7 @@ class _HydraBase(BaseEstimator):
             lr_schedule=self.lr_schedule,
             momentum=self.momentum,
             weight_decay=self.weight_decay,
-            seed=int(rng.randint(np.iinfo(np.int32).max)),
+            seed=int(train_seed),
         )
         result = fit_contributions(
             module,
@@ -254,7 +284,7 @@ class _HydraBase(BaseEstimator):
             issues[train_rows] = flag_lowest(result.contribution, self.drop_fraction)
         else:
             issues[train_rows] = flag_sign_clusters(
-                result.contribution_matrix, y_tr_enc, result.contribution, random_state=rng
+                result.contribution_matrix, y_tr_enc, result.contribution, random_state=feature_seed
             )
         return {
             "contribution_": contribution,
@@ -284,14 +314,14 @@ class _HydraBase(BaseEstimator):
             raise ValueError("device='cuda' was requested but CUDA is not available; use device='auto' or 'cpu'.")
         return device
 
-    def _build_module(self, input_shape, n_classes: int, device: torch.device, rng) -> nn.Module:
+    def _build_module(self, input_shape, n_classes: int, device: torch.device, seed: int) -> nn.Module:
         if isinstance(self.module, nn.Module):
             module = copy.deepcopy(self.module)
         else:
             offered = {"n_features": int(np.prod(input_shape)), "n_classes": n_classes, "input_shape": input_shape}
             accepted = inspect.signature(self.module).parameters
             kwargs = {k: v for k, v in offered.items() if k in accepted}
-            with step_rng(int(rng.randint(np.iinfo(np.int32).max)), torch.device("cpu")):
+            with step_rng(int(seed), torch.device("cpu")):
                 module = self.module(**kwargs)
             if not isinstance(module, nn.Module):
                 raise TypeError(f"module() returned {type(module).__name__}; it must return a torch.nn.Module.")
@@ -326,8 +356,10 @@ class _HydraBase(BaseEstimator):
         try:
             from tqdm.auto import tqdm
         except ImportError:  # progress bars are an optional extra
-            return lambda it: it
-        return lambda it: tqdm(it, desc="epochs", unit="epoch", leave=False)
+            warnings.warn("verbose > 0 shows progress bars with tqdm, which is not installed: pip install tqdm.",
+                          stacklevel=4)
+            return None
+        return lambda it, desc: tqdm(it, desc=desc, unit="epoch", leave=False)
 
 
 def _floating_dtype(module: nn.Module) -> torch.dtype:
@@ -478,24 +510,23 @@ class HydraLabelCleaner(TransformerMixin, _HydraBase):
     (54, 4)
     """
 
-    def fit_transform(self, X, y, **fit_params):
+    def fit_transform(self, X, y, X_val=None, y_val=None, validation_mask=None):
         """Fit, then return the kept rows ``X[support_]``.
 
         Parameters
         ----------
-        X, y : array-like
+        X, y, X_val, y_val, validation_mask
             As in :meth:`fit`.
-        **fit_params
-            ``X_val``, ``y_val`` or ``validation_mask``, passed to :meth:`fit`.
 
         Returns
         -------
         X_clean : same container as X, shape (n_kept, ...)
         """
-        return select_rows(X, self.fit(X, y, **fit_params).support_)
+        fitted = self.fit(X, y, X_val=X_val, y_val=y_val, validation_mask=validation_mask)
+        return select_rows(X, fitted.support_)
 
     def transform(self, X):
-        """Return ``X`` unchanged: cleaning happens at training time only.
+        """Return ``X`` unchanged (after checking it): cleaning happens at training time only.
 
         Parameters
         ----------
@@ -506,6 +537,17 @@ class HydraLabelCleaner(TransformerMixin, _HydraBase):
         X : the same object
         """
         check_is_fitted(self)
+        arr = check_features(X, copy=False)
+        if arr.shape[1:] != self.input_shape_:
+            if arr.ndim == 2 and len(self.input_shape_) == 1:
+                raise ValueError(
+                    f"X has {arr.shape[1]} features, but {type(self).__name__} is expecting "
+                    f"{self.n_features_in_} features as input."
+                )
+            raise ValueError(
+                f"X has trailing shape {arr.shape[1:]}, but {type(self).__name__} was fitted on "
+                f"{self.input_shape_}."
+            )
         return X
 
 
@@ -527,3 +569,9 @@ class HydraSampler(_HydraBase):
     >>> X_res.shape
     (54, 4)
     """
+
+    _validation_hint = (
+        " Inside an imbalanced-learn Pipeline, a sampler's fit parameters reach it only with "
+        "metadata routing enabled (imbalanced-learn <= 0.14.2 drops them otherwise): call "
+        "sklearn.set_config(enable_metadata_routing=True) and pass pipe.fit(X, y, X_val=..., y_val=...)."
+    )

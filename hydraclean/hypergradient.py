@@ -22,8 +22,6 @@ of size N x |w|.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-
 import numpy as np
 import torch
 from torch import nn
@@ -35,7 +33,7 @@ from .gradients import (
     parameter_dict,
     per_sample_gradients,
 )
-from .training import Trajectory, replay, step_rng
+from .training import Progress, Trajectory, replay, step_rng
 
 __all__ = ["ExactTracker", "free_projections", "replay_coefficients"]
 
@@ -74,7 +72,7 @@ def free_projections(
     y: torch.Tensor,
     criterion: nn.Module,
     directions: torch.Tensor,
-    progress: Callable[[Iterator], Iterator] | None = None,
+    progress: Progress | None = None,
 ) -> torch.Tensor:
     """``P[i, k] = <V_k, nabla_{T,i}>`` under the Hessian-free approximation.
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,6 +32,8 @@ __all__ = ["Trajectory", "evaluate_model", "plan_trajectory", "replay", "run_sgd
 
 # on_step(model, t, indices, xb, yb) sees the weights w_{t-1} in the model before step t.
 StepCallback = Callable[[nn.Module, int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+# progress(iterable, desc) -> iterable, e.g. a tqdm bar.
+Progress = Callable[[Iterable, str], Iterable]
 
 
 @dataclass
@@ -127,7 +129,8 @@ def run_sgd(
     *,
     on_step: StepCallback | None = None,
     on_epoch_end: Callable[[int], None] | None = None,
-    progress: Callable[[Iterator], Iterator] | None = None,
+    progress: Progress | None = None,
+    desc: str = "training",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Train ``model`` in place along ``trajectory``.
 
@@ -146,7 +149,9 @@ def run_sgd(
     on_epoch_end : callable, optional
         ``on_epoch_end(epoch)`` after the last step of each epoch.
     progress : callable, optional
-        Wraps the iterator over epochs (a progress bar).
+        ``progress(epochs, desc)`` wraps the iterator over epochs (a progress bar).
+    desc : str
+        Label for the progress bar.
 
     Returns
     -------
@@ -157,9 +162,9 @@ def run_sgd(
 
     Raises
     ------
-    FloatingPointError
-        When a step's loss is not finite (checked once per epoch so that the
-        GPU is not synchronised at every step).
+    ValueError
+        When a step's loss is not finite, naming the epoch and step (checked
+        once per epoch so that the GPU is not synchronised at every step).
     """
     model.train()
     device = X.device
@@ -173,7 +178,7 @@ def run_sgd(
     step_correct = torch.empty(trajectory.n_steps, dtype=torch.int64, device=device)
     steps_per_epoch = -(-trajectory.n_samples // trajectory.batch_size)
     epochs = range(trajectory.order.shape[0])
-    for epoch in progress(epochs) if progress else epochs:
+    for epoch in progress(epochs, desc) if progress else epochs:
         first = epoch * steps_per_epoch
         for t in range(first, first + steps_per_epoch):
             start = (t - first) * trajectory.batch_size
@@ -204,7 +209,7 @@ def _check_finite(losses: torch.Tensor, epoch: int, first: int, trajectory: Traj
     bad = torch.nonzero(~torch.isfinite(losses))
     if bad.numel():
         t = first + int(bad[0])
-        raise FloatingPointError(
+        raise ValueError(
             f"The training loss became non-finite at epoch {epoch + 1}, step {t + 1} "
             f"(learning rate {trajectory.lrs[t]:.3g}). Lower lr (or weight_decay / "
             "momentum), or scale the inputs."
@@ -220,7 +225,7 @@ def train(
     *,
     on_step: StepCallback | None = None,
     validation: tuple[torch.Tensor, torch.Tensor] | None = None,
-    progress: Callable[[Iterator], Iterator] | None = None,
+    progress: Progress | None = None,
 ) -> tuple[nn.Module, dict[str, list[float]]]:
     """Train a copy of ``module`` along ``trajectory`` and record ``w_0``.
 
@@ -291,7 +296,7 @@ def replay(
     y: torch.Tensor,
     criterion: nn.Module,
     on_step: StepCallback,
-    progress: Callable[[Iterator], Iterator] | None = None,
+    progress: Progress | None = None,
 ) -> None:
     """Walk the recorded trajectory again from ``w_0``, calling ``on_step`` at each step.
 
@@ -300,4 +305,4 @@ def replay(
     """
     model = copy.deepcopy(module)
     model.load_state_dict(trajectory.initial_state)
-    run_sgd(model, X, y, criterion, trajectory, on_step=on_step, progress=progress)
+    run_sgd(model, X, y, criterion, trajectory, on_step=on_step, progress=progress, desc="scoring")
