@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,7 +16,8 @@ from sklearn.model_selection import train_test_split
 from .datasets import load_digits_images, make_label_noise
 from .estimator import HydraLabelCleaner
 from .evaluation import detection_metrics, retrain_accuracy
-from .models import SmallCNN
+from .models import MLP, LeNet5, SmallCNN
+from .schedules import ExponentialDecay
 
 __all__ = ["main"]
 
@@ -79,6 +82,139 @@ def run_demo(noise: float = 0.2, epochs: int = 15, seed: int = 0, verbose: int =
     return rows
 
 
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def _image_shape(model: str, X: np.ndarray) -> tuple[int, ...]:
+    """The per-sample shape ``model`` needs, checked against X's values per sample."""
+    per_sample = int(np.prod(X.shape[1:]))
+    if model == "mlp":
+        return (per_sample,)
+    sides = {"small-cnn": (8,), "lenet5": (28, 32)}[model]
+    if X.ndim == 4:
+        if X.shape[2] == X.shape[3] and X.shape[2] in sides:
+            return tuple(X.shape[1:])
+    else:
+        for side in sides:
+            if per_sample % (side * side) == 0 and per_sample // (side * side) in (1, 3):
+                return (per_sample // (side * side), side, side)
+    need = " or ".join(f"{s}x{s}" for s in sides)
+    raise CLIError(
+        f"--model {model} needs {need} images (1 or 3 channels); the input has {per_sample} values per sample "
+        f"(shape {X.shape[1:]}). Use --model mlp for other data."
+    )
+
+
+def _make_module(model: str, shape: tuple[int, ...]):
+    channels = shape[0] if len(shape) == 3 else 1
+    if model == "mlp":
+        return lambda n_features, n_classes: MLP(n_features, n_classes, hidden=(128,))
+    if model == "small-cnn":
+        return lambda n_classes: SmallCNN(n_classes, in_channels=channels)
+    return lambda n_classes: LeNet5(n_classes, in_channels=channels, input_size=shape[-1])
+
+
+def _read_npz(path: Path) -> dict:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError) as exc:
+        raise CLIError(f"{path} could not be read as an .npz file ({exc}).") from exc
+    missing = [k for k in ("X", "y") if k not in arrays]
+    if missing:
+        raise CLIError(f"{path} has arrays {sorted(arrays)}; it needs 'X' and 'y' (optionally 'X_val', 'y_val').")
+    if ("X_val" in arrays) != ("y_val" in arrays):
+        raise CLIError(f"{path} has only one of 'X_val' and 'y_val'; give both or neither.")
+    return arrays
+
+
+def _read_csv(path: Path, label_column: str) -> tuple[list[str], list[list[str]], np.ndarray, np.ndarray]:
+    """Header, raw rows, features (n, d) float and labels (n,) str."""
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        rows = [r for r in reader if r]
+    if header is None:
+        raise CLIError(f"{path} is empty; a .csv input needs a header row and one row per sample.")
+    if label_column not in header:
+        raise CLIError(f"{path} has no column {label_column!r} (columns: {', '.join(header[:20])}); "
+                       "name the label column with --label-column.")
+    li = header.index(label_column)
+    bad = [k for k, r in enumerate(rows) if len(r) != len(header)]
+    if bad:
+        raise CLIError(f"{path}: row {bad[0] + 2} has {len(rows[bad[0]])} fields but the header has {len(header)}.")
+    try:
+        X = np.array([[float(v) for j, v in enumerate(r) if j != li] for r in rows], dtype=np.float32)
+    except ValueError as exc:
+        raise CLIError(f"{path}: every column except {label_column!r} must be numeric ({exc}).") from exc
+    return header, rows, X.reshape(len(rows), -1), np.array([r[li] for r in rows])
+
+
+def run_clean(args: argparse.Namespace) -> int:
+    """``hydraclean clean``: read, clean, write the cleaned file and the report."""
+    src, out = Path(args.input), Path(args.output)
+    if not src.is_file():
+        raise CLIError(f"input file {src} does not exist.")
+    kind = src.suffix.lower()
+    if kind not in (".npz", ".csv") or out.suffix.lower() != kind:
+        raise CLIError(f"input and output must both be .npz or both .csv; got {src.name} and {out.name}.")
+    report = Path(args.report) if args.report else out.with_name(out.stem + "_report.csv")
+    if kind == ".npz":
+        arrays = _read_npz(src)
+        X, y = arrays["X"], arrays["y"]
+        X_val, y_val = arrays.get("X_val"), arrays.get("y_val")
+    else:
+        header, rows, X, y = _read_csv(src, args.label_column)
+        X_val = y_val = None
+    if args.validation:
+        vsrc = Path(args.validation)
+        if not vsrc.is_file() or vsrc.suffix.lower() != kind:
+            raise CLIError(f"--validation {vsrc} must be an existing {kind} file.")
+        if kind == ".npz":
+            varrays = _read_npz(vsrc)
+            X_val, y_val = varrays["X"], varrays["y"]
+        else:
+            _, _, X_val, y_val = _read_csv(vsrc, args.label_column)
+    shape = _image_shape(args.model, X)
+    X_in = X.reshape(len(X), *shape).astype(np.float32, copy=False)
+    X_val_in = None if X_val is None else np.asarray(X_val).reshape(len(X_val), *shape).astype(np.float32, copy=False)
+    cleaner = HydraLabelCleaner(
+        _make_module(args.model, shape), strategy=args.strategy, drop_fraction=args.drop_fraction,
+        n_val_features=args.n_val_features, hessian=args.hessian, max_epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+        lr_schedule=ExponentialDecay(args.lr_decay) if args.lr_decay < 1 else "constant",
+        validation_fraction=args.validation_fraction, device=args.device, random_state=args.seed,
+        verbose=args.verbose,
+    )
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        cleaner.fit(X_in, y, X_val=X_val_in, y_val=y_val)
+    for w in caught:
+        print(f"hydraclean: warning: {w.message}", file=sys.stderr)
+    keep = cleaner.support_
+    if kind == ".npz":
+        kept = {"X": X[keep], "y": y[keep]}
+        if X_val is not None and not args.validation:
+            kept.update(X_val=arrays["X_val"], y_val=arrays["y_val"])
+        np.savez(out, **kept)
+    else:
+        with open(out, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            writer.writerows(r for r, k in zip(rows, keep) if k)
+    with open(report, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["row", "label", "contribution", "label_quality", "flagged"])
+        for i in range(len(y)):
+            writer.writerow([i, y[i], repr(float(cleaner.contribution_[i])), repr(float(cleaner.label_quality_[i])),
+                             int(cleaner.label_issues_[i])])
+    print(f"flagged {int(cleaner.label_issues_.sum())} of {len(y)} rows in {time.perf_counter() - t0:.1f} s; "
+          f"wrote {out} ({int(keep.sum())} rows) and {report}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hydraclean",
@@ -90,6 +226,37 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, default=15, help="training epochs (default 15)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.add_argument("-v", "--verbose", action="count", default=0, help="progress bars")
+
+    clean = sub.add_parser(
+        "clean",
+        help="flag and drop likely mislabelled rows of an .npz or .csv file",
+        description="Train a model with HYDRA on INPUT, write the kept rows to OUTPUT (same format) and a "
+        "per-sample report (row, label, contribution, label_quality, flagged). An .npz file holds arrays X and y "
+        "and optionally a trusted X_val, y_val; a .csv file has a header, one label column and numeric features.",
+    )
+    clean.add_argument("input", help="input .npz or .csv file")
+    clean.add_argument("-o", "--output", required=True, help="cleaned output file, same format as the input")
+    clean.add_argument("--report", help="per-sample report CSV (default: OUTPUT_report.csv)")
+    clean.add_argument("--label-column", default="label", help="label column of a .csv input (default: label)")
+    clean.add_argument("--validation", help="trusted validation set, same format as the input (else X_val in the "
+                       ".npz, else a held-out --validation-fraction)")
+    clean.add_argument("--model", choices=["mlp", "small-cnn", "lenet5"], default="mlp",
+                       help="mlp (any input), small-cnn (8x8 images), lenet5 (28x28 or 32x32 images); default mlp")
+    clean.add_argument("--strategy", choices=["drop", "cluster"], default="drop", help="default drop")
+    clean.add_argument("--drop-fraction", type=float, default=0.1, help="fraction flagged by 'drop' (default 0.1)")
+    clean.add_argument("--n-val-features", type=int, default=1000, help="validation features for 'cluster'")
+    clean.add_argument("--hessian", choices=["free", "exact"], default="free", help="default free")
+    clean.add_argument("--epochs", type=int, default=10, help="training epochs (default 10)")
+    clean.add_argument("--batch-size", type=int, default=64, help="default 64")
+    clean.add_argument("--lr", type=float, default=0.01, help="learning rate (default 0.01)")
+    clean.add_argument("--lr-decay", type=float, default=1.0, help="learning-rate factor per epoch (default 1)")
+    clean.add_argument("--momentum", type=float, default=0.9, help="default 0.9")
+    clean.add_argument("--weight-decay", type=float, default=0.0, help="default 0")
+    clean.add_argument("--validation-fraction", type=float, default=0.1,
+                       help="held out when no validation set is given (default 0.1)")
+    clean.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    clean.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    clean.add_argument("-v", "--verbose", action="count", default=0, help="progress bars")
     return parser
 
 
@@ -99,7 +266,12 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             run_demo(args.noise, args.epochs, args.seed, args.verbose)
-    return 0
+        return 0
+    try:
+        return run_clean(args)
+    except (CLIError, ValueError, TypeError) as exc:
+        print(f"hydraclean clean: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

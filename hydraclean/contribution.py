@@ -24,7 +24,14 @@ from .gradients import validation_gradients
 from .hypergradient import ExactTracker, free_projections
 from .training import Progress, Trajectory, train
 
-__all__ = ["HydraResult", "contributions_from_projections", "fit_contributions"]
+__all__ = [
+    "Explanation",
+    "HydraResult",
+    "contributions_from_projections",
+    "fit_contributions",
+    "inter_class_contribution",
+    "top_contributors",
+]
 
 
 def contributions_from_projections(projections: torch.Tensor, n_samples: int) -> torch.Tensor:
@@ -122,3 +129,99 @@ def fit_contributions(
     scores = contributions_from_projections(projections, n).double().cpu().numpy()
     matrix = scores[:, 1:] if rows_grad is not None else None
     return HydraResult(model, history, trajectory, scores[:, 0].copy(), matrix)
+
+
+def inter_class_contribution(
+    contribution_matrix: np.ndarray,
+    y_train: np.ndarray,
+    y_val: np.ndarray,
+    classes: np.ndarray | None = None,
+    normalize: bool = True,
+) -> np.ndarray:
+    """Mean contribution of each training class to each validation class (paper eq. 23).
+
+    ``A[a, b] = mean over i in S_a, j in T_b of C(i, j)``, with ``S_a`` the
+    training samples labelled ``a`` and ``T_b`` the validation samples
+    labelled ``b``.
+
+    Parameters
+    ----------
+    contribution_matrix : ndarray of shape (n_train, n_val)
+        ``C(i, j)``; rows that are all NaN (unscored samples) are ignored.
+    y_train : ndarray of shape (n_train,)
+    y_val : ndarray of shape (n_val,)
+    classes : ndarray of shape (n_classes,), optional
+        Row and column order; default: the sorted union of the labels.
+    normalize : bool, default=True
+        Divide every entry by ``sqrt(|row sum| * |column sum|)``, the paper's
+        normalisation (the absolute value keeps the sign of the entry when a
+        sum is negative). Entries whose row or column sums to zero become 0.
+
+    Returns
+    -------
+    A : ndarray of shape (n_classes, n_classes)
+        Rows: training classes; columns: validation classes. A class absent
+        from one side gives a row or column of zeros.
+    """
+    C = np.asarray(contribution_matrix, dtype=np.float64)
+    y_train, y_val = np.asarray(y_train), np.asarray(y_val)
+    if C.shape != (y_train.shape[0], y_val.shape[0]):
+        raise ValueError(
+            f"contribution_matrix has shape {C.shape}; expected (len(y_train), len(y_val)) = "
+            f"({y_train.shape[0]}, {y_val.shape[0]})."
+        )
+    scored = ~np.isnan(C).all(axis=1)
+    C, y_train = C[scored], y_train[scored]
+    if np.isnan(C).any():
+        raise ValueError("contribution_matrix has NaN entries in scored rows.")
+    if classes is None:
+        classes = np.unique(np.concatenate([y_train, y_val]))
+    rows = (y_train[:, None] == classes[None, :]).astype(np.float64)  # (n_train, n_classes)
+    cols = (y_val[:, None] == classes[None, :]).astype(np.float64)  # (n_val, n_classes)
+    counts = np.outer(rows.sum(0), cols.sum(0))
+    total = rows.T @ C @ cols
+    A = np.divide(total, counts, out=np.zeros_like(total), where=counts > 0)
+    if normalize:
+        denom = np.sqrt(np.abs(np.outer(A.sum(1), A.sum(0))))
+        A = np.divide(A, denom, out=np.zeros_like(A), where=denom > 0)
+    return A
+
+
+@dataclass
+class Explanation:
+    """The training samples that helped and hurt each explained validation sample most.
+
+    Attributes
+    ----------
+    contribution_matrix : ndarray of shape (n_samples, n_explained)
+        ``C(i, j)`` for every training row ``i`` (NaN for unscored rows) and
+        every explained validation sample ``j``.
+    helpful : ndarray of shape (n_explained, k), int
+        Rows with the largest ``C(i, j)``, most helpful first.
+    helpful_scores : ndarray of shape (n_explained, k)
+    harmful : ndarray of shape (n_explained, k), int
+        Rows with the smallest ``C(i, j)``, most harmful first.
+    harmful_scores : ndarray of shape (n_explained, k)
+    """
+
+    contribution_matrix: np.ndarray
+    helpful: np.ndarray
+    helpful_scores: np.ndarray
+    harmful: np.ndarray
+    harmful_scores: np.ndarray
+
+
+def top_contributors(contribution_matrix: np.ndarray, k: int) -> Explanation:
+    """Rank the rows of ``C(i, j)`` per column: the ``k`` largest and the ``k`` smallest.
+
+    NaN rows (unscored samples) are never ranked; ties keep row order.
+    """
+    C = np.asarray(contribution_matrix, dtype=np.float64)
+    scored = np.flatnonzero(~np.isnan(C).all(axis=1))
+    k = min(int(k), scored.size)
+    sub = C[scored]  # (n_scored, M)
+    order = np.argsort(sub, axis=0, kind="stable")
+    harmful = scored[order[:k]].T
+    helpful = scored[np.argsort(-sub, axis=0, kind="stable")[:k]].T
+    cols = np.arange(C.shape[1])[:, None]
+    return Explanation(C, helpful, C[helpful, cols], harmful, C[harmful, cols])

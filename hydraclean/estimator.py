@@ -22,13 +22,19 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from .cleaning import flag_lowest, flag_sign_clusters
-from .contribution import fit_contributions
+from .contribution import Explanation, contributions_from_projections, fit_contributions, top_contributors
+from .gradients import validation_gradients
+from .hypergradient import free_projections
 from .data import check_features, check_labels, resolve_validation_rows, select_rows
 from .training import plan_trajectory, step_rng
 
 __all__ = ["HydraLabelCleaner", "HydraSampler"]
 
 _FITTED = (
+    "_criterion",
+    "_train_rows",
+    "_train_data",
+    "_initial_module",
     "contribution_",
     "contribution_matrix_",
     "label_quality_",
@@ -161,12 +167,58 @@ class _HydraBase(BaseEstimator):
         support = self.fit(X, y, X_val=X_val, y_val=y_val, validation_mask=validation_mask).support_
         return select_rows(X, support), select_rows(y, support)
 
+    def explain(self, X_val, y_val, k: int = 10) -> Explanation:
+        """The training samples that helped and hurt each given validation sample most.
+
+        Replays the recorded training run once (no retraining) with the
+        Hessian-free recursion, whatever ``hessian`` was, to get ``C(i, j)``
+        for every training row ``i`` and every given sample ``j``.
+
+        Parameters
+        ----------
+        X_val : array-like of shape (n_explained, ...)
+            Samples to explain, shaped as ``X``.
+        y_val : array-like of shape (n_explained,)
+            Their labels (the loss whose change is attributed), from ``classes_``.
+        k : int, default=10
+            Samples listed on each side.
+
+        Returns
+        -------
+        Explanation
+            ``helpful`` and ``harmful`` hold row indices into the ``X`` given
+            to :meth:`fit`, shape (n_explained, k), with their ``C(i, j)``.
+        """
+        check_is_fitted(self)
+        Xv = check_features(X_val, "X_val")
+        yv = check_labels(y_val, Xv.shape[0], "y_val")
+        if Xv.shape[1:] != self.input_shape_:
+            raise ValueError(f"X_val has trailing shape {Xv.shape[1:]} but the cleaner was fitted on {self.input_shape_}.")
+        unseen = np.setdiff1d(np.unique(yv), self.classes_)
+        if unseen.size:
+            raise ValueError(f"y_val holds labels {unseen.tolist()[:10]} that are not in classes_.")
+        if not (isinstance(k, Integral) and k >= 1):
+            raise ValueError(f"k must be a positive integer, got {k!r}.")
+        device = self.device_ if self.device_.type == "cpu" or torch.cuda.is_available() else torch.device("cpu")
+        dtype = _floating_dtype(self.module_)
+        X_tr, y_tr = (t.to(device) for t in self._train_data)
+        Xv_t = torch.as_tensor(Xv, dtype=dtype, device=device)
+        yv_t = torch.as_tensor(np.searchsorted(self.classes_, yv), device=device)
+        model = self.module_.to(device)
+        _, G = validation_gradients(model, Xv_t, yv_t, self._criterion, rows=torch.arange(len(yv), device=device))
+        P = free_projections(self.trajectory_, self._initial_module.to(device), X_tr, y_tr, self._criterion, G,
+                             progress=self._progress())
+        C = np.full((self.validation_mask_.size, len(yv)), np.nan)
+        C[self._train_rows] = contributions_from_projections(P, X_tr.shape[0]).double().cpu().numpy()
+        return top_contributors(C, k)
+
     def __getstate__(self):
         # Fitted tensors are pickled on the CPU so that a cleaner fitted on a GPU
         # loads on a machine without one; __setstate__ moves them back when it can.
         state = dict(super().__getstate__())  # object.__getstate__ returns the live __dict__
-        if isinstance(state.get("module_"), nn.Module):
-            state["module_"] = copy.deepcopy(state["module_"]).cpu()
+        for name in ("module_", "_initial_module"):
+            if isinstance(state.get(name), nn.Module):
+                state[name] = copy.deepcopy(state[name]).cpu()
         return state
 
     def __setstate__(self, state):
@@ -301,6 +353,10 @@ class _HydraBase(BaseEstimator):
             "val_feature_indices_": val_rows,
             "trajectory_": result.trajectory,
             "device_": device,
+            "_criterion": criterion,
+            "_train_rows": train_rows,
+            "_train_data": (Xt.cpu(), yt.cpu()),
+            "_initial_module": module.cpu(),
         }
 
     def _resolve_device(self) -> torch.device:

@@ -1,0 +1,97 @@
+"""The hydraclean command line."""
+
+import csv
+import io
+import warnings
+
+import numpy as np
+import pytest
+
+from hydraclean.cli import main, run_demo
+from hydraclean.datasets import load_digits_images, make_label_noise
+
+
+@pytest.fixture(scope="module")
+def digits_files(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    X, y = load_digits_images()
+    X, y = X[:300], y[:300]
+    y_noisy, _ = make_label_noise(y, 0.2, random_state=0)
+    Xv, yv = load_digits_images()
+    np.savez(tmp / "train.npz", X=X, y=y_noisy, X_val=Xv[1000:1100], y_val=yv[1000:1100])
+    names = np.array(list("abcdefghij"))
+    with open(tmp / "train.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["label"] + [f"p{k}" for k in range(64)])
+        for xi, yi in zip(X.reshape(300, -1), names[y_noisy]):
+            w.writerow([yi] + [f"{v:.4f}" for v in xi])
+    return tmp, X, y_noisy
+
+
+FAST = ["--epochs", "2", "--batch-size", "32", "--lr", "0.05"]
+
+
+def test_clean_npz_round_trip(digits_files, capsys):
+    tmp, X, y = digits_files
+    out = tmp / "clean.npz"
+    assert main(["clean", str(tmp / "train.npz"), "-o", str(out), "--model", "small-cnn", "--drop-fraction", "0.2",
+                 *FAST]) == 0
+    kept = np.load(out)
+    with open(tmp / "clean_report.csv") as f:
+        report = list(csv.DictReader(f))
+    flagged = np.array([int(r["flagged"]) for r in report], dtype=bool)
+    assert len(report) == 300 and flagged.sum() == 60
+    np.testing.assert_array_equal(kept["X"], X[~flagged])
+    np.testing.assert_array_equal(kept["y"], y[~flagged])
+    assert kept["X_val"].shape == (100, 1, 8, 8)  # the trusted set travels with the data
+    scores = np.array([float(r["contribution"]) for r in report])
+    assert scores[flagged].max() <= scores[~flagged].min()
+    assert "flagged 60 of 300 rows" in capsys.readouterr().out
+
+
+def test_clean_csv_round_trip_keeps_rows_verbatim(digits_files, capsys):
+    tmp, X, y = digits_files
+    out = tmp / "clean.csv"
+    assert main(["clean", str(tmp / "train.csv"), "-o", str(out), "--model", "small-cnn", *FAST]) == 0
+    assert "validation" in capsys.readouterr().err  # no trusted set: held out, with a warning
+    src = (tmp / "train.csv").read_text().splitlines()
+    dst = out.read_text().splitlines()
+    with open(tmp / "clean_report.csv") as f:
+        report = list(csv.DictReader(f))
+    kept_rows = [src[1 + int(r["row"])] for r in report if r["flagged"] == "0"]
+    assert dst[0] == src[0] and dst[1:] == kept_rows
+    assert {r["label"] for r in report} <= set("abcdefghij")
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["clean", "missing.npz", "-o", "x.npz"], "does not exist"),
+        (["clean", "{tmp}/train.csv", "-o", "{tmp}/x.csv", "--label-column", "target"], "no column 'target'"),
+        (["clean", "{tmp}/train.npz", "-o", "{tmp}/x.npz", "--model", "lenet5"], "28x28 or 32x32"),
+        (["clean", "{tmp}/train.npz", "-o", "{tmp}/x.csv"], "both be .npz or both .csv"),
+    ],
+)
+def test_clean_errors_are_one_clear_line(digits_files, capsys, argv, message):
+    tmp, _, _ = digits_files
+    assert main([a.format(tmp=tmp) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_help_lists_both_commands(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "demo" in out and "clean" in out
+
+
+def test_demo_prints_the_detection_table():
+    buf = io.StringIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        rows = run_demo(epochs=2, out=buf)
+    text = buf.getvalue()
+    assert "AUROC" in text and "HYDRA drop" in text and "HYDRA cluster" in text
+    assert {"no cleaning", "HYDRA drop", "HYDRA cluster", "true labels (oracle)"} == {r["method"] for r in rows}
+    assert all(0.0 <= r["auroc"] <= 1.0 for r in rows if "auroc" in r)

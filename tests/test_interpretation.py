@@ -1,0 +1,78 @@
+"""Inter-class contribution, ranking and explain()."""
+
+import numpy as np
+import pytest
+
+from hydraclean import HydraLabelCleaner
+from hydraclean.contribution import inter_class_contribution, top_contributors
+from hydraclean.datasets import load_digits_images
+from hydraclean.models import MLP
+
+
+def test_inter_class_contribution_equals_double_loop():
+    rng = np.random.RandomState(0)
+    C = rng.normal(size=(30, 12))
+    y_tr, y_val = rng.randint(0, 3, 30), rng.randint(0, 3, 12)
+    A = inter_class_contribution(C, y_tr, y_val, normalize=False)
+    for a in range(3):
+        for b in range(3):
+            vals = [C[i, j] for i in range(30) for j in range(12) if y_tr[i] == a and y_val[j] == b]
+            assert A[a, b] == pytest.approx(np.mean(vals))
+    N = inter_class_contribution(C, y_tr, y_val)
+    for a in range(3):
+        for b in range(3):
+            assert N[a, b] == pytest.approx(A[a, b] / np.sqrt(abs(A[a].sum() * A[:, b].sum())))
+
+
+def test_inter_class_contribution_ignores_unscored_rows_and_handles_missing_classes():
+    C = np.array([[1.0, 2.0], [np.nan, np.nan], [3.0, 4.0]])
+    A = inter_class_contribution(C, np.array([0, 0, 1]), np.array([0, 0]), classes=np.array([0, 1, 2]),
+                                 normalize=False)
+    np.testing.assert_allclose(A, [[1.5, 0, 0], [3.5, 0, 0], [0, 0, 0]])
+    with pytest.raises(ValueError, match="shape"):
+        inter_class_contribution(C, np.array([0, 1]), np.array([0, 0]))
+
+
+def test_top_contributors_brute_force():
+    rng = np.random.RandomState(1)
+    C = rng.normal(size=(20, 4))
+    C[5] = np.nan
+    ex = top_contributors(C, 3)
+    for j in range(4):
+        col = np.where(np.isnan(C[:, j]), np.nan, C[:, j])
+        ranked = [i for i in np.argsort(-np.nan_to_num(col, nan=-np.inf))][:3]
+        assert list(ex.helpful[j]) == ranked
+        assert list(ex.harmful[j]) == [i for i in np.argsort(np.nan_to_num(col, nan=np.inf))][:3]
+        np.testing.assert_array_equal(ex.helpful_scores[j], C[ex.helpful[j], j])
+    assert 5 not in ex.helpful and 5 not in ex.harmful
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    X, y = load_digits_images()
+    X = X.reshape(len(X), -1)[:300]
+    y = y[:300]
+    Xv, yv = load_digits_images()
+    Xv, yv = Xv.reshape(len(Xv), -1)[1000:1040], yv[1000:1040]
+    c = HydraLabelCleaner(lambda n_features, n_classes: MLP(n_features, n_classes, hidden=(16,)).double(), strategy="cluster",
+                          n_val_features=1000, max_epochs=3, batch_size=32, lr=0.05, random_state=0)
+    return c.fit(X, y, X_val=Xv, y_val=yv), X, y, Xv, yv
+
+
+def test_explain_reproduces_the_fits_contribution_matrix_without_retraining(fitted):
+    c, X, y, Xv, yv = fitted
+    ex = c.explain(Xv, yv, k=5)
+    np.testing.assert_allclose(ex.contribution_matrix, c.contribution_matrix_, rtol=1e-9, atol=1e-15)
+    assert ex.helpful.shape == ex.harmful.shape == (len(yv), 5)
+    assert (ex.helpful_scores[:, 0] >= ex.helpful_scores[:, -1]).all()
+    assert (ex.harmful_scores[:, 0] <= ex.harmful_scores[:, -1]).all()
+
+
+def test_explain_subset_and_bad_input(fitted):
+    c, X, y, Xv, yv = fitted
+    ex = c.explain(Xv[:2], yv[:2], k=3)
+    np.testing.assert_allclose(ex.contribution_matrix, c.contribution_matrix_[:, :2], rtol=1e-9, atol=1e-15)
+    with pytest.raises(ValueError, match="trailing shape"):
+        c.explain(Xv[:, :5], yv)
+    with pytest.raises(ValueError, match="classes_"):
+        c.explain(Xv[:2], np.array([11, 12]))
