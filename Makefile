@@ -22,3 +22,11 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info docs/_build .pytest_cache
+
+DOCS_STAMP := $(VENV)/.installed-docs
+$(DOCS_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[docs]"
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	$(BIN)/python -m sphinx -W --keep-going -b html docs docs/_build/html

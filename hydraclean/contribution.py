@@ -96,7 +96,7 @@ def fit_contributions(
         From :func:`hydraclean.training.plan_trajectory`.
     hessian : {"free", "exact"}
         Hessian-free replay (O(N K) memory) or exact tracking with
-        Hessian-vector products (O(S |w|) memory for S tracked samples).
+        Hessian-vector products (O(S n_params) memory for S tracked samples).
     val_rows : Tensor of int, optional
         Validation rows ``j`` for which ``C(i, j)`` is wanted.
     exact_indices : Tensor of int, optional

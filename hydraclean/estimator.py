@@ -482,7 +482,7 @@ class HydraLabelCleaner(TransformerMixin, _HydraBase):
     hessian : {"free", "exact"}, default="free"
         ``"free"``: HYDRA's fast Hessian-free approximation, replayed along
         the recorded trajectory in O(N) memory. ``"exact"``: keeps the
-        Hessian term (Hessian-vector products); memory O(S |w|) and time
+        Hessian term (Hessian-vector products); memory O(S n_params) and time
         about S Hessian-vector products per step for S tracked samples.
     exact_subset : array-like of int, default=None
         With ``hessian="exact"``, the rows of ``X`` to track; the others get

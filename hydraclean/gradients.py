@@ -2,7 +2,7 @@
 
 Everything here is a pure function of a parameter dict, built on ``torch.func``.
 Parameters travel either as a dict ``{name: tensor}`` (for ``functional_call``)
-or flattened into one vector of length ``|w|`` in ``named_parameters`` order;
+or flattened into one vector of length ``n_params`` in ``named_parameters`` order;
 :func:`flatten` and :func:`unflatten` convert.
 
 "Per-sample gradient" means what DESIGN.md §1 fixes: the gradient of sample
@@ -50,7 +50,7 @@ def parameter_dict(model: nn.Module) -> Params:
 
 
 def flatten(tensors: Params, batch_dims: int = 0) -> torch.Tensor:
-    """Concatenate a parameter-shaped dict into shape ``(*batch, |w|)``."""
+    """Concatenate a parameter-shaped dict into shape ``(*batch, n_params)``."""
     parts = [t.reshape(*t.shape[:batch_dims], -1) for t in tensors.values()]
     return torch.cat(parts, dim=batch_dims)
 
@@ -112,7 +112,7 @@ class PerSampleLoss:
 def per_sample_gradients(
     loss: PerSampleLoss, params: Params, x: torch.Tensor, y: torch.Tensor
 ) -> torch.Tensor:
-    """Gradients of each sample's loss term, shape ``(b, |w|)``.
+    """Gradients of each sample's loss term, shape ``(b, n_params)``.
 
     Separable modules: ``vmap(grad)``; otherwise the rows of the Jacobian of
     the batch's loss vector (``jacrev``), which is exact for BatchNorm and
@@ -136,7 +136,7 @@ def directional_derivatives(
 
     Parameters
     ----------
-    directions : Tensor of shape (K, |w|)
+    directions : Tensor of shape (K, n_params)
 
     Returns
     -------
@@ -171,13 +171,13 @@ def hessian_vector_products(
 
     Parameters
     ----------
-    vectors : Tensor of shape (K, |w|)
+    vectors : Tensor of shape (K, n_params)
     chunk_size : int, optional
         Vectors per vectorised call, to bound memory.
 
     Returns
     -------
-    Hv : Tensor of shape (K, |w|)
+    Hv : Tensor of shape (K, n_params)
     """
     gradient = grad(loss.mean)
 
@@ -213,9 +213,9 @@ def validation_gradients(
 
     Returns
     -------
-    mean_gradient : Tensor of shape (|w|,)
+    mean_gradient : Tensor of shape (n_params,)
         ``grad L_val(w_T)`` with ``L_val`` the mean validation loss.
-    G : Tensor of shape (len(rows), |w|) or None
+    G : Tensor of shape (len(rows), n_params) or None
         ``grad l_j^val(w_T)`` for each requested row.
     """
     model = copy.deepcopy(model).eval()

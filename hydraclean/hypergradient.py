@@ -7,7 +7,7 @@ The recursion (DESIGN.md §1), for every training sample ``i``::
     nabla_t,i = nabla_{t-1,i} - eta_t dv_t,          nabla_0 = dv_0 = 0
 
 ``hessian="exact"`` keeps the bracketed Hessian-vector product and needs the
-vectors themselves (:class:`ExactTracker`, O(S |w|) memory for S tracked
+vectors themselves (:class:`ExactTracker`, O(S n_params) memory for S tracked
 samples). Without it the state ``(nabla, dv)`` evolves by the same 2x2 map
 ``M_t = [[1 - eta_t lam, -eta_t p], [lam, p]]`` in every coordinate and receives
 the input through ``b_t = (-eta_t, 1)``, so::
@@ -17,7 +17,7 @@ the input through ``b_t = (-eta_t, 1)``, so::
 
 and any projection ``<V, nabla_{T,i}>`` is a sum of per-step directional
 derivatives (:func:`free_projections`): O(N K) memory for K directions, nothing
-of size N x |w|.
+of size N x n_params.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def free_projections(
         Training data on the module's device.
     criterion : nn.Module
         Per-sample loss, ``reduction="none"``.
-    directions : Tensor of shape (K, |w|)
+    directions : Tensor of shape (K, n_params)
         The fixed vectors ``V_k`` (validation gradients at ``w_T``).
     progress : callable, optional
         Wraps the iterator over epochs.
@@ -137,8 +137,8 @@ class ExactTracker:
 
     Attributes
     ----------
-    nabla : Tensor of shape (S, |w|)
-    dv : Tensor of shape (S, |w|)
+    nabla : Tensor of shape (S, n_params)
+    dv : Tensor of shape (S, n_params)
     """
 
     def __init__(
