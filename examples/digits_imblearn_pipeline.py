@@ -16,7 +16,7 @@ from imblearn.pipeline import Pipeline
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV, train_test_split
 
-from hydraclean import HydraSampler
+from hydraclean import ExponentialDecay, HydraSampler
 from hydraclean.datasets import load_digits_images, make_label_noise
 from hydraclean.models import MLP
 
@@ -34,7 +34,8 @@ def main(small: bool) -> None:
     y_noisy, _ = make_label_noise(y_train, 0.3, random_state=0)
 
     pipe = Pipeline([
-        ("clean", HydraSampler(mlp, max_epochs=2 if small else 10, batch_size=32, lr=0.05, random_state=0)),
+        ("clean", HydraSampler(mlp, max_epochs=2 if small else 10, batch_size=32, lr=0.1,
+                               lr_schedule=ExponentialDecay(0.8), random_state=0)),
         ("clf", LogisticRegression(max_iter=1000)),
     ])
     search = GridSearchCV(pipe, {"clean__drop_fraction": [0.0, 0.15, 0.3]}, cv=2 if small else 3)
