@@ -30,3 +30,22 @@ $(DOCS_STAMP): $(STAMP)
 
 docs: $(DOCS_STAMP)
 	$(BIN)/python -m sphinx -W --keep-going -b html docs docs/_build/html
+
+BENCH_STAMP := $(VENV)/.installed-bench
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[bench]"
+	touch $(BENCH_STAMP)
+
+# Every method of the suite and every paper experiment at tiny size (CI runs it; a few minutes).
+bench-smoke: $(BENCH_STAMP)
+	$(BIN)/python benchmarks/suite.py --smoke --out $(CURDIR)/build/bench-smoke/suite_digits.md
+	$(BIN)/python benchmarks/suite.py --setting fashion --smoke --out $(CURDIR)/build/bench-smoke/suite_fashion.md
+	$(BIN)/python benchmarks/paper.py --smoke --out-dir $(CURDIR)/build/bench-smoke
+
+# The full benchmarks behind docs/benchmarks.md (not part of CI; about 1.5 hours on 2 cores).
+bench: $(BENCH_STAMP)
+	$(BIN)/python benchmarks/overhead.py --out docs/_generated/overhead.md
+	$(BIN)/python benchmarks/cluster_choice.py --out docs/_generated/cluster_choice.md
+	$(BIN)/python benchmarks/suite.py --setting digits --out docs/_generated/suite_digits.md
+	$(BIN)/python benchmarks/suite.py --setting fashion --out docs/_generated/suite_fashion.md
+	$(BIN)/python benchmarks/paper.py --out-dir docs/_generated

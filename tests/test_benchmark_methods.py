@@ -1,0 +1,90 @@
+"""The peers written for the benchmarks, against dense and brute-force references."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.func import functional_call, hessian
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from methods import CE, Training, influence_scores, lissa, tracin_scores, train_with_checkpoints  # noqa: E402
+
+from hydraclean.gradients import PerSampleLoss, flatten, parameter_dict  # noqa: E402
+
+from . import reference as ref  # noqa: E402
+
+
+def data(n=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, generator=g, dtype=torch.float64), torch.arange(n) % 3
+
+
+def dense_hessian(module, X, y):
+    params = parameter_dict(module)
+
+    def mean_loss(flat):
+        return CE(functional_call(module, ref.split(flat, module), (X,)), y).mean()
+
+    return hessian(mean_loss)(flatten(params))
+
+
+def test_lissa_solves_the_damped_newton_system():
+    module = ref.tiny_mlp()
+    X, y = data()
+    H = dense_hessian(module, X, y)
+    v = torch.randn(H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    scale, damping = 10.0, 0.1  # scale * damping = 1 keeps H + I positive definite here
+    est = lissa(PerSampleLoss(module, CE), parameter_dict(module), X, y, v, damping=damping, scale=scale,
+                depth=800, batch_size=len(y))
+    exact = torch.linalg.solve(H + scale * damping * torch.eye(H.shape[0], dtype=H.dtype), v)
+    assert ref.relative_error(est, exact) < 1e-8
+
+
+def test_influence_scores_formula():
+    module = ref.tiny_mlp()
+    X, y = data()
+    Xv, yv = data(5, seed=3)
+    scores = influence_scores(module, X, y, Xv, yv, damping=0.1, scale=10.0, depth=800, batch_size=len(y))
+    H = dense_hessian(module, X, y)
+    module.eval()
+    w = ref.flat_params(module).requires_grad_(True)
+    (g_val,) = torch.autograd.grad(ref.val_loss(module, w, Xv, yv, CE), w)
+    s_test = torch.linalg.solve(H + 1.0 * torch.eye(H.shape[0], dtype=H.dtype), g_val)
+    grads, _ = ref.brute_per_sample_grads(module, ref.flat_params(module), X, y, 0, CE)
+    np.testing.assert_allclose(scores, (grads @ s_test / len(y)).numpy(), rtol=1e-7, atol=1e-12)
+
+
+def test_tracin_equals_brute_force_and_captum(tmp_path):
+    X, y = data(10)
+    Xv, yv = data(4, seed=5)
+    recipe = Training(max_epochs=3, batch_size=4, lr=0.2)
+    make = lambda: ref.tiny_mlp(seed=7)  # noqa: E731
+    _, checkpoints, lrs = train_with_checkpoints(make, X, y, recipe, seed=0)
+    scores = tracin_scores(make, checkpoints, lrs, X, y, Xv, yv)
+    expected = np.zeros(len(y))
+    module = make()
+    for state, eta in zip(checkpoints, lrs):
+        module.load_state_dict(state)
+        w = ref.flat_params(module).requires_grad_(True)
+        (g_val,) = torch.autograd.grad(ref.val_loss(module, w, Xv, yv, CE), w)
+        grads, _ = ref.brute_per_sample_grads(module, ref.flat_params(module), X, y, 0, CE)
+        expected += eta * (grads @ g_val).numpy()
+    np.testing.assert_allclose(scores, expected, rtol=1e-10)
+
+    captum = pytest.importorskip("captum.influence")
+    paths = []
+    for k, state in enumerate(checkpoints):
+        paths.append(str(tmp_path / f"ckpt{k}.pt"))
+        torch.save(state, paths[-1])
+
+    def load(model, path):
+        model.load_state_dict(torch.load(path))
+        return lrs[paths.index(path)]
+
+    tracin = captum.TracInCP(make(), torch.utils.data.TensorDataset(X, y), paths, checkpoints_load_func=load,
+                             loss_fn=torch.nn.CrossEntropyLoss(reduction="sum"), batch_size=5,
+                             sample_wise_grads_per_batch=True)
+    matrix = tracin.influence((Xv, yv))  # (n_val, n_train): sum_k eta_k <g_j, g_i>
+    np.testing.assert_allclose(matrix.mean(0).numpy(), scores, rtol=1e-6, atol=1e-12)
