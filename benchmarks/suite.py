@@ -146,7 +146,8 @@ def run_rate(make_module, recipe: Training, data, rate: float, seeds: int, smoke
 
     def accuracy(keep, labels):
         accs = [retrain_accuracy(make_module, X_tr[keep], labels[keep], X_test, y_test, n_steps=n_steps,
-                                 batch_size=recipe.batch_size, lr=recipe.lr, momentum=recipe.momentum, seed=s)
+                                 batch_size=recipe.batch_size, lr=recipe.lr, momentum=recipe.momentum,
+                                 total_decay=recipe.decay ** recipe.max_epochs, seed=s)
                 for s in range(seeds)]
         return float(np.mean(accs)), float(np.std(accs))
 

@@ -61,6 +61,16 @@ def detection_metrics(noise_mask: np.ndarray, scores: np.ndarray, flagged: np.nd
     return out
 
 
+class _PerStepDecay:
+    """``factor = total_decay ** (global_step / n_steps)``, whatever the epoch length."""
+
+    def __init__(self, total_decay: float, steps_per_epoch: int, n_steps: int) -> None:
+        self.total_decay, self.steps_per_epoch, self.n_steps = total_decay, steps_per_epoch, n_steps
+
+    def __call__(self, epoch: int, step: int) -> float:
+        return self.total_decay ** ((epoch * self.steps_per_epoch + step) / self.n_steps)
+
+
 def retrain_accuracy(
     make_module: Callable[[], nn.Module],
     X: np.ndarray,
@@ -73,6 +83,7 @@ def retrain_accuracy(
     lr: float = 0.01,
     momentum: float = 0.9,
     weight_decay: float = 0.0,
+    total_decay: float = 1.0,
     seed: int = 0,
     device: str | torch.device = "cpu",
 ) -> float:
@@ -80,7 +91,10 @@ def retrain_accuracy(
 
     The number of epochs is ``max(1, round(n_steps / steps_per_epoch))``, so a
     smaller (cleaned) training set gets as many optimizer steps as the full one.
-    ``y`` and ``y_test`` must be integer class codes 0..n_classes-1.
+    The learning rate decays smoothly by ``total_decay`` over those steps
+    (``lr * total_decay ** (t / n_steps)`` at step ``t``), so every training-set
+    size follows the same learning-rate curve; 1.0 keeps it constant. ``y`` and
+    ``y_test`` must be integer class codes 0..n_classes-1.
     """
     device = torch.device(device)
     steps_per_epoch = -(-len(y) // batch_size)
@@ -89,7 +103,8 @@ def retrain_accuracy(
         torch.manual_seed(seed)
         module = make_module().to(device)
     dtype = next(module.parameters()).dtype
-    traj = plan_trajectory(len(y), batch_size=batch_size, max_epochs=epochs, lr=lr, lr_schedule="constant",
+    schedule = "constant" if total_decay == 1.0 else _PerStepDecay(float(total_decay), steps_per_epoch, n_steps)
+    traj = plan_trajectory(len(y), batch_size=batch_size, max_epochs=epochs, lr=lr, lr_schedule=schedule,
                            momentum=momentum, weight_decay=weight_decay, seed=seed)
     criterion = nn.CrossEntropyLoss(reduction="none")
     to = lambda a, dt: torch.as_tensor(np.asarray(a), dtype=dt, device=device)  # noqa: E731
