@@ -41,6 +41,7 @@ bench-smoke: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/suite.py --smoke --out $(CURDIR)/build/bench-smoke/suite_digits.md
 	$(BIN)/python benchmarks/suite.py --setting fashion --smoke --out $(CURDIR)/build/bench-smoke/suite_fashion.md
 	$(BIN)/python benchmarks/paper.py --smoke --out-dir $(CURDIR)/build/bench-smoke
+	$(BIN)/python benchmarks/summarize.py --dir $(CURDIR)/build/bench-smoke
 
 # The full benchmarks behind docs/benchmarks.md (not part of CI; about 1.5 hours on 2 cores).
 bench: $(BENCH_STAMP)
@@ -49,3 +50,4 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/suite.py --setting digits --out docs/_generated/suite_digits.md
 	$(BIN)/python benchmarks/suite.py --setting fashion --out docs/_generated/suite_fashion.md
 	$(BIN)/python benchmarks/paper.py --out-dir docs/_generated
+	$(BIN)/python benchmarks/summarize.py --dir docs/_generated

@@ -150,17 +150,66 @@ def lissa(loss: PerSampleLoss, params, X: torch.Tensor, y: torch.Tensor, v: torc
     return (h / scale).reshape(v.shape)
 
 
+def hessian_extremes(loss: PerSampleLoss, params, X, y, *, batch_size=64, n_batches=3, n_iter=30, seed=0):
+    """Largest and smallest eigenvalues over a few mini-batch Hessians (the whole data when
+    ``batch_size >= len(y)``), by power iteration.
+
+    The first iteration finds the eigenvalue of largest magnitude ``a`` (either
+    sign); the second, on ``H - a I``, the other end of the spectrum.
+    """
+    g = torch.Generator().manual_seed(seed)
+    n = sum(p.numel() for p in params.values())
+    ref = next(iter(params.values()))
+    lam_max, lam_min = 0.0, 0.0
+    for _ in range(n_batches if batch_size < len(y) else 1):
+        idx = torch.arange(len(y)) if batch_size >= len(y) else torch.randint(len(y), (batch_size,), generator=g)
+        ends = []
+        for shift in (0.0, None):
+            shift = ends[0] if shift is None else shift
+            v = torch.randn(n, generator=g, dtype=torch.float64).to(ref)
+            v /= v.norm()
+            for _ in range(n_iter):
+                hv = hessian_vector_products(loss, params, X[idx], y[idx], v[None])[0] - shift * v
+                lam = float(v @ hv)
+                v = hv / hv.norm()
+            ends.append(lam + shift)
+        lam_max, lam_min = max(lam_max, *ends), min(lam_min, *ends)
+    return lam_max, lam_min
+
+
+def safe_lissa_settings(loss, params, X, y, *, damping=0.01, scale=25.0, batch_size=64, n_iter=30, seed=0):
+    """(damping, scale) for which LiSSA's iteration contracts on this model's mini-batch Hessians.
+
+    Needs ``scale > lam_max / 2`` and ``scale * damping > |lam_min|``; a non-convex
+    network's negative eigenvalues make Koh and Liang's usual damping 0.01 diverge
+    (seen on LeNet-5 / Fashion-MNIST: lam_min about -2, scale * damping = 0.25).
+    Margins of 2x on both.
+    """
+    lam_max, lam_min = hessian_extremes(loss, params, X, y, batch_size=batch_size, n_iter=n_iter, seed=seed)
+    scale = max(scale, 2.0 * lam_max)
+    damping = max(damping, 2.0 * max(-lam_min, 0.0) / scale)
+    return damping, scale
+
+
 def influence_scores(model: nn.Module, X, y, X_val, y_val, *, damping=0.01, scale=25.0, depth=1000, batch_size=64,
-                     seed=0) -> np.ndarray:
+                     seed=0, auto_damping=True) -> np.ndarray:
     """Influence-function estimate of the validation-loss change when removing each sample.
 
-    ``(1/N) <H^-1 grad L_val(w_T), grad l_i(w_T)>``: positive = removing it
-    raises the validation loss = helpful.
+    ``(1/N) <(H + mu I)^-1 grad L_val(w_T), grad l_i(w_T)>`` with ``mu = scale *
+    damping``: positive = removing it raises the validation loss = helpful. With
+    ``auto_damping``, damping and scale are raised as far as
+    :func:`safe_lissa_settings` needs for LiSSA to converge.
     """
     g_val, _ = validation_gradients(model, X_val, y_val, CE)
     loss = PerSampleLoss(model, CE)
-    s_test = lissa(loss, parameter_dict(model), X, y, g_val, damping=damping, scale=scale, depth=depth,
-                   batch_size=batch_size, seed=seed)
+    params = parameter_dict(model)
+    if auto_damping:
+        damping, scale = safe_lissa_settings(loss, params, X, y, damping=damping, scale=scale,
+                                             batch_size=batch_size, seed=seed)
+    s_test = lissa(loss, params, X, y, g_val, damping=damping, scale=scale, depth=depth, batch_size=batch_size,
+                   seed=seed)
+    if not torch.isfinite(s_test).all():
+        raise FloatingPointError("LiSSA diverged; raise damping or scale.")
     return per_sample_dot(model, X, y, s_test) / len(y)
 
 

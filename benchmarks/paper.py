@@ -32,7 +32,7 @@ import torch
 from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from methods import CE, influence_scores, lissa  # noqa: E402
+from methods import CE, influence_scores, lissa, safe_lissa_settings  # noqa: E402
 from suite import ensure_fashion_mnist  # noqa: E402
 
 from hydraclean import HydraLabelCleaner  # noqa: E402
@@ -90,7 +90,8 @@ def table4(n_train, epochs, smoke, log):
     Xt, yt = torch.as_tensor(X), torch.as_tensor(y_noisy)
     _, G = validation_gradients(model, torch.as_tensor(Xv), torch.as_tensor(yv), CE, rows=torch.as_tensor(feats))
     loss = PerSampleLoss(model, CE)
-    S = lissa(loss, parameter_dict(model), Xt, yt, G, depth=10 if smoke else 100, seed=0)
+    damping, scale = safe_lissa_settings(loss, parameter_dict(model), Xt, yt)
+    S = lissa(loss, parameter_dict(model), Xt, yt, G, damping=damping, scale=scale, depth=10 if smoke else 100, seed=0)
     C = torch.cat([per_sample_gradients(loss, parameter_dict(model), Xt[s : s + 256], yt[s : s + 256]) @ S.T
                    for s in range(0, len(yt), 256)]).double().numpy() / len(yt)
     flags = flag_sign_clusters(C, y_noisy, C.mean(1))

@@ -32,9 +32,7 @@ __all__ = ["HydraLabelCleaner", "HydraSampler"]
 
 _FITTED = (
     "_criterion",
-    "_train_rows",
     "_train_data",
-    "_initial_module",
     "contribution_",
     "contribution_matrix_",
     "label_quality_",
@@ -206,19 +204,18 @@ class _HydraBase(BaseEstimator):
         yv_t = torch.as_tensor(np.searchsorted(self.classes_, yv), device=device)
         model = self.module_.to(device)
         _, G = validation_gradients(model, Xv_t, yv_t, self._criterion, rows=torch.arange(len(yv), device=device))
-        P = free_projections(self.trajectory_, self._initial_module.to(device), X_tr, y_tr, self._criterion, G,
-                             progress=self._progress())
+        # module_ supplies the architecture; the replay starts from the recorded w_0
+        P = free_projections(self.trajectory_, model, X_tr, y_tr, self._criterion, G, progress=self._progress())
         C = np.full((self.validation_mask_.size, len(yv)), np.nan)
-        C[self._train_rows] = contributions_from_projections(P, X_tr.shape[0]).double().cpu().numpy()
+        C[~self.validation_mask_] = contributions_from_projections(P, X_tr.shape[0]).double().cpu().numpy()
         return top_contributors(C, k)
 
     def __getstate__(self):
         # Fitted tensors are pickled on the CPU so that a cleaner fitted on a GPU
         # loads on a machine without one; __setstate__ moves them back when it can.
         state = dict(super().__getstate__())  # object.__getstate__ returns the live __dict__
-        for name in ("module_", "_initial_module"):
-            if isinstance(state.get(name), nn.Module):
-                state[name] = copy.deepcopy(state[name]).cpu()
+        if isinstance(state.get("module_"), nn.Module):
+            state["module_"] = copy.deepcopy(state["module_"]).cpu()
         return state
 
     def __setstate__(self, state):
@@ -354,9 +351,7 @@ class _HydraBase(BaseEstimator):
             "trajectory_": result.trajectory,
             "device_": device,
             "_criterion": criterion,
-            "_train_rows": train_rows,
             "_train_data": (Xt.cpu(), yt.cpu()),
-            "_initial_module": module.cpu(),
         }
 
     def _resolve_device(self) -> torch.device:

@@ -46,7 +46,8 @@ def test_influence_scores_formula():
     module = ref.tiny_mlp()
     X, y = data()
     Xv, yv = data(5, seed=3)
-    scores = influence_scores(module, X, y, Xv, yv, damping=0.1, scale=10.0, depth=800, batch_size=len(y))
+    scores = influence_scores(module, X, y, Xv, yv, damping=0.1, scale=10.0, depth=800, batch_size=len(y),
+                              auto_damping=False)
     H = dense_hessian(module, X, y)
     module.eval()
     w = ref.flat_params(module).requires_grad_(True)
@@ -54,6 +55,20 @@ def test_influence_scores_formula():
     s_test = torch.linalg.solve(H + 1.0 * torch.eye(H.shape[0], dtype=H.dtype), g_val)
     grads, _ = ref.brute_per_sample_grads(module, ref.flat_params(module), X, y, 0, CE)
     np.testing.assert_allclose(scores, (grads @ s_test / len(y)).numpy(), rtol=1e-7, atol=1e-12)
+
+
+def test_hessian_extremes_and_safe_settings_match_the_dense_spectrum():
+    from methods import hessian_extremes, safe_lissa_settings
+
+    module = ref.tiny_mlp()
+    X, y = data()
+    eig = torch.linalg.eigvalsh(dense_hessian(module, X, y))
+    loss, params = PerSampleLoss(module, CE), parameter_dict(module)
+    lam_max, lam_min = hessian_extremes(loss, params, X, y, batch_size=len(y), n_batches=1, n_iter=300)
+    assert lam_max == pytest.approx(float(eig[-1]), rel=1e-3)
+    assert lam_min == pytest.approx(min(float(eig[0]), 0.0), abs=1e-3 * float(eig[-1]))
+    damping, scale = safe_lissa_settings(loss, params, X, y, damping=1e-4, scale=0.1, batch_size=len(y), n_iter=300)
+    assert scale >= 2 * float(eig[-1]) - 1e-6 and scale * damping >= 2 * max(-float(eig[0]), 0) - 1e-6
 
 
 def test_tracin_equals_brute_force_and_captum(tmp_path):
