@@ -34,7 +34,6 @@ from hydraclean import ExponentialDecay
 from hydraclean.gradients import (
     PerSampleLoss,
     directional_derivatives,
-    flatten,
     hessian_vector_products,
     parameter_dict,
     validation_gradients,
@@ -223,6 +222,3 @@ def tracin_scores(make_module, checkpoints, lrs, X, y, X_val, y_val) -> np.ndarr
         total += eta * per_sample_dot(model, X, y, g_val)
     return total
 
-
-def parameter_count(model: nn.Module) -> int:
-    return flatten(parameter_dict(model)).numel()

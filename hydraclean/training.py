@@ -72,12 +72,6 @@ class Trajectory:
     def n_steps(self) -> int:
         return int(self.lrs.shape[0])
 
-    def batches(self) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield ``(epoch, indices)`` for every step, in order."""
-        for epoch, perm in enumerate(self.order):
-            for start in range(0, perm.shape[0], self.batch_size):
-                yield epoch, perm[start : start + self.batch_size]
-
     def batch_sizes(self) -> np.ndarray:
         """Actual batch size ``b_t`` of every step, shape (n_steps,)."""
         n, bs = self.n_samples, self.batch_size
