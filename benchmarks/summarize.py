@@ -62,17 +62,25 @@ def paper_lines(paper: dict) -> list[str]:
     i100 = t4["influence functions (LiSSA), 100 features"]
     err = curves["error_norm"]
     first = curves["HYDRA"][0]
-    return [
+    line = (
         f"- **Approximation (paper Figs 3-5)**: against the exact Hessian-aware contributions of the tracked "
         f"samples, Hessian-free HYDRA has a sign-error rate of {hydra[0]:.3f} and Spearman {hydra[1]:.3f} after the "
         f"last epoch; influence functions {inf[0]:.3f} and {inf[1]:.3f} (paper: 0.014 / 0.986 and 0.130 / 0.820). "
-        f"The paper's result does not reproduce here: the mean norm of the difference between the exact and the "
-        f"Hessian-free hypergradients grows from {err[0]:.3g} after epoch {curves['epoch'][0]} to {err[-1]:.3g} after "
-        f"epoch {curves['epoch'][-1]} (the paper: bounded, 0.74), because the exact hypergradient itself grows "
-        f"along this run (constant lr, momentum 0.9), which breaks the paper's Condition 6 (bounded hypergradients). "
-        f"After the first epoch the agreement was still {first[0]:.3f} sign errors, Spearman {first[1]:.3f}. The "
-        "exact mode equals autograd through the unrolled training to about 1e-16 in the tests, so this is the true "
-        "derivative of the run, not a numerical artefact.",
+        f"The mean norm of the difference between the exact and the Hessian-free hypergradients goes from "
+        f"{err[0]:.3g} after epoch {curves['epoch'][0]} to {err[-1]:.3g} after epoch {curves['epoch'][-1]} (the "
+        "paper: it stabilises at 0.74)."
+    )
+    if hydra[1] < 0.9:
+        line += (
+            f" So the paper's result does not reproduce in this setting. After the first epoch the agreement was "
+            f"{first[0]:.3f} sign errors and Spearman {first[1]:.3f}. The Hessian-free hypergradient is a weighted "
+            "sum of per-step gradients and grows at most linearly with the number of steps, so a difference that "
+            "grows by orders of magnitude means the exact one does: the paper's Condition 6 (bounded "
+            "hypergradients) fails along this run (constant lr, momentum 0.9). The exact mode equals autograd "
+            "through the unrolled training to about 1e-16 in the tests."
+        )
+    return [
+        line,
         f"- **Clustering (paper Table 4, 50% noise)**: Jaccard (correct / random labels) {h1000[0]:.3f} / "
         f"{h1000[1]:.3f} for HYDRA with 1,000 features, {h100[0]:.3f} / {h100[1]:.3f} with 100, and "
         f"{i100[0]:.3f} / {i100[1]:.3f} for influence functions with 100 (paper: HYDRA 0.781 / 0.777, influence "
