@@ -32,6 +32,8 @@ import torch
 from sklearn.model_selection import train_test_split
 from torch import nn
 
+from measure import rss_mib  # noqa: I001  (benchmarks/ is on sys.path when run as a script)
+
 from hydraclean import ExponentialDecay, HydraLabelCleaner
 from hydraclean.datasets import load_digits_images, make_label_noise
 from hydraclean.models import LeNet5, SmallCNN
@@ -82,14 +84,6 @@ def timings(repeats: int) -> list[dict]:
     return rows
 
 
-def _status_mib(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def peak_memory_child(kind: str, n: int) -> None:
     """Run one configuration and print its peak RSS in MiB (called in a subprocess)."""
     torch.set_num_threads(2)
@@ -102,7 +96,7 @@ def peak_memory_child(kind: str, n: int) -> None:
         y = rng.randint(0, 10, n)
         Xv, yv = X[:200], y[:200]
         module, settings = LeNet5, dict(max_epochs=1, batch_size=64, lr=0.01, weight_decay=0.0)
-    base = _status_mib("VmRSS")
+    base = rss_mib("VmRSS")
     if kind.endswith("plain"):
         torch.manual_seed(0)
         traj = plan_trajectory(len(y), seed=0, **{**dict(lr_schedule="constant", momentum=0.9), **settings})
@@ -110,7 +104,7 @@ def peak_memory_child(kind: str, n: int) -> None:
     else:
         kw = CONFIGS[kind.split(":", 1)[1]] if ":" in kind else {}
         HydraLabelCleaner(module, random_state=0, **settings, **kw).fit(X, y, X_val=Xv, y_val=yv)
-    peak = _status_mib("VmHWM")
+    peak = rss_mib("VmHWM")
     print(json.dumps({"peak_mib": peak, "above_baseline_mib": peak - base}))
 
 

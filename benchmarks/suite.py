@@ -33,6 +33,7 @@ import torch
 from sklearn.model_selection import train_test_split
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import Meter  # noqa: E402
 from methods import (  # noqa: E402
     Training,
     cleanlab_scores,
@@ -47,26 +48,6 @@ from hydraclean import HydraLabelCleaner  # noqa: E402
 from hydraclean.datasets import load_digits_images, load_fashion_mnist, make_label_noise  # noqa: E402
 from hydraclean.evaluation import detection_metrics, retrain_accuracy  # noqa: E402
 from hydraclean.models import LeNet5, SmallCNN  # noqa: E402
-
-
-def rss_mib(field: str = "VmRSS") -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
-
-
-class Meter:
-    """Wall time and peak resident memory above the starting point of one block."""
-
-    def __enter__(self):
-        with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS
-            f.write("5")
-        self.base = rss_mib()
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.t0
-        self.peak = rss_mib("VmHWM") - self.base
 
 
 def ensure_fashion_mnist() -> None:

@@ -1,0 +1,26 @@
+"""Wall time and resident memory of a block of work, for the benchmark scripts (Linux /proc)."""
+
+from __future__ import annotations
+
+import time
+
+
+def rss_mib(field: str = "VmRSS") -> float:
+    """A memory field of /proc/self/status in MiB: VmRSS now, or VmHWM, the peak since start or reset."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+
+
+class Meter:
+    """Wall time and peak resident memory above the starting point of one block."""
+
+    def __enter__(self):
+        with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS
+            f.write("5")
+        self.base = rss_mib()
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.t0
+        self.peak = rss_mib("VmHWM") - self.base
