@@ -38,7 +38,7 @@ from hydraclean.gradients import (
     parameter_dict,
     validation_gradients,
 )
-from hydraclean.training import plan_trajectory, run_sgd, train
+from hydraclean.training import plan_trajectory, run_sgd, step_rng, train
 
 CE = nn.CrossEntropyLoss(reduction="none")
 
@@ -68,8 +68,7 @@ class Training:
 
 
 def init_module(make_module: Callable[[], nn.Module], seed: int) -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with step_rng(seed, torch.device("cpu")):
         return make_module()
 
 

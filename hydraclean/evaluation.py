@@ -16,7 +16,7 @@ import torch
 from sklearn.metrics import f1_score, jaccard_score, precision_score, recall_score, roc_auc_score
 from torch import nn
 
-from .training import evaluate_model, plan_trajectory, train
+from .training import evaluate_model, plan_trajectory, step_rng, train
 
 __all__ = ["detection_metrics", "retrain_accuracy"]
 
@@ -99,8 +99,7 @@ def retrain_accuracy(
     device = torch.device(device)
     steps_per_epoch = -(-len(y) // batch_size)
     epochs = max(1, round(n_steps / steps_per_epoch))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with step_rng(seed, torch.device("cpu")):
         module = make_module().to(device)
     dtype = next(module.parameters()).dtype
     schedule = "constant" if total_decay == 1.0 else _PerStepDecay(float(total_decay), steps_per_epoch, n_steps)
