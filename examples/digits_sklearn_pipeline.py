@@ -41,12 +41,12 @@ def main(small: bool) -> None:
     pipe = Pipeline([
         ("scale", StandardScaler()),
         ("images", FunctionTransformer(to_images)),
-        ("clean", HydraLabelCleaner(SmallCNN, drop_fraction=0.2, max_epochs=3 if small else 15, batch_size=32,
+        ("clean", HydraLabelCleaner(SmallCNN, max_epochs=3 if small else 15, batch_size=32,
                                     lr=0.1, lr_schedule=ExponentialDecay(0.8), random_state=0)),
     ])
     pipe.fit_transform(X_all, y_all, clean__validation_mask=is_val)
     cleaner = pipe.named_steps["clean"]
-    m = detection_metrics(noise, cleaner.contribution_[~is_val], cleaner.label_issues_[~is_val])
+    m = detection_metrics(noise, cleaner.label_quality_[~is_val], cleaner.label_issues_[~is_val])
     print(f"flagged {m['n_flagged']} of {len(X_train)} training rows: precision {m['precision']:.3f}, "
           f"recall {m['recall']:.3f}, AUROC {m['auroc']:.3f}")
 

@@ -16,7 +16,7 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 
 from hydraclean import ExponentialDecay, HydraLabelCleaner
-from hydraclean.contribution import inter_class_contribution
+from hydraclean.contribution import class_to_class_contribution
 from hydraclean.datasets import load_digits_images, make_label_noise
 from hydraclean.models import SmallCNN
 from hydraclean.plotting import plot_explanation, plot_inter_class
@@ -38,13 +38,14 @@ def main(small: bool, out_dir: str) -> None:
     for name, idx, scores in [("helpful", ex.helpful[0], ex.helpful_scores[0]),
                               ("harmful", ex.harmful[0], ex.harmful_scores[0])]:
         for i, s in zip(idx, scores):
-            flag = " (label was flipped)" if noise[i] else ""
-            print(f"  {name}: training row {i:4d}, label {y_noisy[i]}, C(i, j) = {s:+.2e}{flag}")
-    plot_explanation(ex, X_train, y_noisy, X_val[j : j + 1], y_val[j : j + 1]).savefig(
-        os.path.join(out_dir, "explanation.png"))
+            flag = f" (label was flipped from {y_train[i]})" if noise[i] else ""
+            print(f"  {name}: training row {i:4d}, label {y_noisy[i]}, suggested {cleaner.suggested_label_[i]}, "
+                  f"C(i, j) = {s:+.2e}{flag}")
+    plot_explanation(ex, X_train, y_noisy, X_val[j : j + 1], y_val[j : j + 1],
+                     suggested=cleaner.suggested_label_).savefig(os.path.join(out_dir, "explanation.png"))
 
-    everything = cleaner.explain(X_val, y_val, k=1)
-    heat = inter_class_contribution(everything.contribution_matrix, y_noisy, y_val)
+    # the inter-class map from the class-resolved contributions every fit computes
+    heat = class_to_class_contribution(cleaner.class_contribution_, y_noisy, cleaner.classes_)
     plot_inter_class(heat, title="digits: training class -> validation class").savefig(
         os.path.join(out_dir, "inter_class.png"))
     print(f"diagonal share of |inter-class contribution|: {np.abs(np.diag(heat)).sum() / np.abs(heat).sum():.2f}")

@@ -28,12 +28,12 @@ def main(small: bool, n_train: int, noise: float, out: str) -> None:
     y_noisy, mask = make_label_noise(y_clean, noise, random_state=0)
     val = rng.permutation(len(y_test))[: (200 if small else 1000)]  # trusted, from the test split
     for strategy in ("drop", "cluster"):
-        cleaner = HydraLabelCleaner(LeNet5, strategy=strategy, drop_fraction=noise, n_val_features=len(val),
+        cleaner = HydraLabelCleaner(LeNet5, strategy=strategy, n_val_features=len(val),
                                     max_epochs=4 if small else 20, batch_size=64, lr=0.05 if small else 0.01, momentum=0.9,
                                     random_state=0)
         t0 = time.perf_counter()
         cleaner.fit(X_train, y_noisy, X_val=X_test[val], y_val=y_test[val])
-        m = detection_metrics(mask, cleaner.contribution_, cleaner.label_issues_)
+        m = detection_metrics(mask, cleaner.label_quality_, cleaner.label_issues_)
         print(f"{strategy:8s} AUROC {m['auroc']:.3f}  precision {m['precision']:.3f}  recall {m['recall']:.3f}  "
               f"F1 {m['f1']:.3f}  ({time.perf_counter() - t0:.0f} s)")
     try:
@@ -42,7 +42,7 @@ def main(small: bool, n_train: int, noise: float, out: str) -> None:
         matplotlib.use("Agg")
         from hydraclean.plotting import plot_contribution_histogram
 
-        plot_contribution_histogram(cleaner.contribution_, mask).savefig(out)
+        plot_contribution_histogram(cleaner.label_quality_, mask).savefig(out)
         print(f"wrote {out}")
     except ImportError:
         print("matplotlib is not installed: no histogram")

@@ -2,7 +2,7 @@
 
 The data's path through the package::
 
-    data -> training (trajectory recorded) -> hypergradient -> contribution -> cleaning -> estimator
+    data -> training (trajectory recorded) -> hypergradient -> contribution -> scoring -> cleaning -> estimator
 """
 
 from .contribution import fit_contributions

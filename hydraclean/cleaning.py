@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 from sklearn.cluster import AgglomerativeClustering, KMeans
 
-__all__ = ["flag_lowest", "flag_sign_clusters"]
+__all__ = ["estimate_issue_count", "flag_lowest", "flag_sign_clusters", "harms_more_than_class_helps",
+           "predicted_other_class"]
 
 #: Classes with fewer samples than this are not split by :func:`flag_sign_clusters`.
 MIN_CLUSTER_CLASS_SIZE = 4
@@ -17,14 +18,16 @@ MIN_CLUSTER_CLASS_SIZE = 4
 MAX_WARD_CLASS_SIZE = 10_000
 
 
-def flag_lowest(scores: np.ndarray, fraction: float) -> np.ndarray:
-    """Flag the ``round(fraction * n_scored)`` samples with the lowest score.
+def flag_lowest(scores: np.ndarray, fraction: float | None = None, count: int | None = None) -> np.ndarray:
+    """Flag the ``round(fraction * n_scored)`` (or ``count``) samples with the lowest score.
 
     Parameters
     ----------
     scores : ndarray of shape (n_samples,)
         Higher is more useful. NaN marks an unscored sample, never flagged.
-    fraction : float in [0, 1]
+    fraction : float in [0, 1], optional
+    count : int, optional
+        Instead of ``fraction``: how many to flag (at most the scored ones).
 
     Returns
     -------
@@ -33,10 +36,79 @@ def flag_lowest(scores: np.ndarray, fraction: float) -> np.ndarray:
     """
     scores = np.asarray(scores, dtype=np.float64)
     scored = np.flatnonzero(~np.isnan(scores))
-    k = int(round(fraction * scored.size))
+    k = int(round(fraction * scored.size)) if count is None else min(int(count), scored.size)
     flagged = np.zeros(scores.shape[0], dtype=bool)
     flagged[scored[np.argsort(scores[scored], kind="stable")[:k]]] = True
     return flagged
+
+
+def harms_more_than_class_helps(class_contribution: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Samples that hurt some class more than that class's own samples typically help it.
+
+    With ``b = argmin_c C(i, c)`` the class sample ``i`` hurts most: flagged
+    when ``-C(i, b)`` exceeds the median of ``C(j, b)`` over the samples ``j``
+    labelled ``b``. Both sides are in the units of ``C(., b)``, so no
+    threshold is tuned.
+
+    Parameters
+    ----------
+    class_contribution : ndarray of shape (n_samples, n_classes)
+        ``C(i, c)``; NaN rows are unscored and never flagged.
+    labels : ndarray of shape (n_samples,)
+        Observed labels as codes ``0..n_classes-1``.
+
+    Returns
+    -------
+    flagged : ndarray of shape (n_samples,), bool
+    """
+    R = np.asarray(class_contribution, dtype=np.float64)
+    labels = np.asarray(labels)
+    flagged = np.zeros(R.shape[0], dtype=bool)
+    scored = np.flatnonzero(~np.isnan(R).all(axis=1))
+    if scored.size == 0:
+        return flagged
+    worst = np.nanargmin(R[scored], axis=1)
+    typical_help = np.full(R.shape[1], np.nan)
+    for c in np.unique(labels[scored]):
+        typical_help[c] = np.nanmedian(R[scored[labels[scored] == c], c])
+    with np.errstate(invalid="ignore"):  # NaN (no sample labelled b): not flagged
+        flagged[scored] = -R[scored, worst] > typical_help[worst]
+    return flagged
+
+
+def predicted_other_class(trajectory_proba: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Samples for which the model, averaged over the training run, predicted another class.
+
+    Parameters
+    ----------
+    trajectory_proba : ndarray of shape (n_samples, n_classes)
+        Softmax outputs averaged over the epochs (as training computed them).
+    labels : ndarray of shape (n_samples,)
+        Observed labels as codes ``0..n_classes-1``.
+
+    Returns
+    -------
+    flagged : ndarray of shape (n_samples,), bool
+    """
+    return np.argmax(np.asarray(trajectory_proba), axis=1) != np.asarray(labels)
+
+
+def estimate_issue_count(class_contribution: np.ndarray, trajectory_proba: np.ndarray, labels: np.ndarray) -> int:
+    """How many scored samples are mislabelled, estimated without knowing the noise rate.
+
+    The samples that either :func:`harms_more_than_class_helps` or
+    :func:`predicted_other_class` flags. The first catches mislabelled
+    samples that the model memorised (their harm to their true class
+    accumulates over the run); the second those it did not (it kept
+    predicting their true class). Neither needs a threshold.
+
+    Returns
+    -------
+    count : int
+    """
+    scored = ~np.isnan(np.asarray(class_contribution, dtype=np.float64)).all(axis=1)
+    either = harms_more_than_class_helps(class_contribution, labels) | predicted_other_class(trajectory_proba, labels)
+    return int((either & scored).sum())
 
 
 def flag_sign_clusters(

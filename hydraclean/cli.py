@@ -18,6 +18,7 @@ from .estimator import HydraLabelCleaner
 from .evaluation import detection_metrics, retrain_accuracy
 from .models import MLP, LeNet5, SmallCNN
 from .schedules import ExponentialDecay
+from .scoring import SCORES
 
 __all__ = ["main"]
 
@@ -59,17 +60,19 @@ def run_demo(noise: float = 0.2, epochs: int = 15, seed: int = 0, verbose: int =
     rows = [{"method": "no cleaning", "test_acc": retrain_accuracy(SmallCNN, X_train, y_noisy, X_test, y_test, **retrain)}]
     plain_time = time.perf_counter() - t0
     rows[0]["time"] = plain_time
-    for strategy in ("drop", "cluster"):
-        cleaner = HydraLabelCleaner(
-            SmallCNN, strategy=strategy, drop_fraction=noise, n_val_features=len(y_val), random_state=seed,
-            verbose=verbose, **settings,
-        )
+    variants = {  # name: the cleaner's parameters beyond the recipe
+        "HYDRA (defaults)": {},
+        f"HYDRA paper C(i), drop {noise:.0%}": {"scoring": "contribution", "drop_fraction": noise},
+        "HYDRA cluster": {"strategy": "cluster", "n_val_features": len(y_val)},
+    }
+    for name, params in variants.items():
+        cleaner = HydraLabelCleaner(SmallCNN, random_state=seed, verbose=verbose, **settings, **params)
         t0 = time.perf_counter()
         cleaner.fit(X_train, y_noisy, X_val=X_val, y_val=y_val)
         elapsed = time.perf_counter() - t0
         keep = cleaner.support_
-        row = {"method": f"HYDRA {strategy}", "time": elapsed, "ratio": elapsed / plain_time}
-        row.update(detection_metrics(noise_mask, cleaner.contribution_, cleaner.label_issues_))
+        row = {"method": name, "time": elapsed, "ratio": elapsed / plain_time}
+        row.update(detection_metrics(noise_mask, cleaner.label_quality_, cleaner.label_issues_))
         row["test_acc"] = retrain_accuracy(SmallCNN, X_train[keep], y_noisy[keep], X_test, y_test, **retrain)
         rows.append(row)
     rows.append({"method": "true labels (oracle)",
@@ -80,8 +83,9 @@ def run_demo(noise: float = 0.2, epochs: int = 15, seed: int = 0, verbose: int =
         ("test_acc", "test acc", ".3f"), ("time", "time s", ".1f"), ("ratio", "x plain", ".1f"),
     ]
     print(_table(rows, columns), file=out)
-    print("test acc: the same model retrained from scratch on the kept samples with their noisy labels, "
-          "same number of SGD steps. 'x plain': fit time / one plain training run.", file=out)
+    print("AUROC of label_quality_ against the flipped labels. test acc: the same model retrained from scratch "
+          "on the kept samples with their noisy labels, same number of SGD steps. 'x plain': fit time / one "
+          "plain training run.", file=out)
     return rows
 
 
@@ -183,7 +187,8 @@ def run_clean(args: argparse.Namespace) -> int:
     X_in = X.reshape(len(X), *shape).astype(np.float32, copy=False)
     X_val_in = None if X_val is None else np.asarray(X_val).reshape(len(X_val), *shape).astype(np.float32, copy=False)
     cleaner = HydraLabelCleaner(
-        _make_module(args.model, shape), strategy=args.strategy, drop_fraction=args.drop_fraction,
+        _make_module(args.model, shape), strategy=args.strategy, scoring=args.scoring,
+        drop_fraction=args.drop_fraction,
         n_val_features=args.n_val_features, hessian=args.hessian, max_epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
         lr_schedule=ExponentialDecay(args.lr_decay) if args.lr_decay < 1 else "constant",
@@ -209,13 +214,27 @@ def run_clean(args: argparse.Namespace) -> int:
             writer.writerows(r for r, k in zip(rows, keep) if k)
     with open(report, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["row", "label", "contribution", "label_quality", "flagged"])
+        writer.writerow(["row", "label", "flagged", "suggested_label", "label_quality", "contribution"]
+                        + [f"class_contribution_{c}" for c in cleaner.classes_])
         for i in range(len(y)):
-            writer.writerow([i, y[i], repr(float(cleaner.contribution_[i])), repr(float(cleaner.label_quality_[i])),
-                             int(cleaner.label_issues_[i])])
+            numbers = [cleaner.label_quality_[i], cleaner.contribution_[i], *cleaner.class_contribution_[i]]
+            writer.writerow([i, y[i], int(cleaner.label_issues_[i]), cleaner.suggested_label_[i]]
+                            + [repr(float(v)) for v in numbers])
     print(f"flagged {int(cleaner.label_issues_.sum())} of {len(y)} rows in {time.perf_counter() - t0:.1f} s; "
           f"wrote {out} ({int(keep.sum())} rows) and {report}")
     return 0
+
+
+def _fraction_or_auto(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a fraction in [0, 1], got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -234,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
         "clean",
         help="flag and drop likely mislabelled rows of an .npz or .csv file",
         description="Train a model with HYDRA on INPUT, write the kept rows to OUTPUT (same format) and a "
-        "per-sample report (row, label, contribution, label_quality, flagged). An .npz file holds arrays X and y "
+        "per-sample report (row, label, flagged, suggested_label, label_quality, contribution and one "
+        "class_contribution_<class> column per class). An .npz file holds arrays X and y "
         "and optionally a trusted X_val, y_val; a .csv file has a header, one label column and numeric features.",
     )
     clean.add_argument("input", help="input .npz or .csv file")
@@ -246,7 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     clean.add_argument("--model", choices=["mlp", "small-cnn", "lenet5"], default="mlp",
                        help="mlp (any input), small-cnn (8x8 images), lenet5 (28x28 or 32x32 images); default mlp")
     clean.add_argument("--strategy", choices=["drop", "cluster"], default="drop", help="default drop")
-    clean.add_argument("--drop-fraction", type=float, default=0.1, help="fraction flagged by 'drop' (default 0.1)")
+    clean.add_argument("--scoring", choices=sorted(SCORES), default="combined",
+                       help="label-quality score that ranks the rows (default combined; contribution is the paper's)")
+    clean.add_argument("--drop-fraction", type=_fraction_or_auto, default="auto",
+                       help="fraction flagged by 'drop', or auto to estimate it (default auto)")
     clean.add_argument("--n-val-features", type=int, default=1000, help="validation features for 'cluster'")
     clean.add_argument("--hessian", choices=["free", "exact"], default="free", help="default free")
     clean.add_argument("--epochs", type=int, default=10, help="training epochs (default 10)")

@@ -9,6 +9,13 @@ Positive means helpful: removing sample ``i`` (``eps_i = -1/N``) would raise
 the validation loss by about ``C(i)``. Mislabelled samples tend to be negative.
 Since ``L_val`` is the mean of the ``l_j^val``, ``C(i)`` is the mean of
 ``C(i, j)`` over the whole validation set.
+
+Class-resolved contributions (DESIGN.md §5), with ``L_val^c`` the mean loss over
+the validation samples of class ``c``::
+
+    C(i, c) = -(1/N) <grad L_val^c(w_T), nabla_{T,i}>
+
+are the class means of ``C(i, j)``, and ``C(i) = sum_c (n_c / n_val) C(i, c)``.
 """
 
 from __future__ import annotations
@@ -20,16 +27,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from .gradients import validation_gradients
+from .gradients import class_validation_gradients, validation_gradients
 from .hypergradient import ExactTracker, free_projections
 from .training import Progress, Trajectory, train
 
 __all__ = [
     "Explanation",
     "HydraResult",
+    "class_to_class_contribution",
     "contributions_from_projections",
     "fit_contributions",
     "inter_class_contribution",
+    "suggest_labels",
     "top_contributors",
 ]
 
@@ -54,15 +63,25 @@ class HydraResult:
     contribution : ndarray of shape (n_samples,), float64
         ``C(i)``; NaN for samples that were not tracked (``hessian="exact"``
         restricted to a subset).
+    class_contribution : ndarray of shape (n_samples, n_classes), float64
+        ``C(i, c)``; a class without validation samples has a NaN column.
     contribution_matrix : ndarray of shape (n_samples, n_rows) or None
         ``C(i, j)`` for the requested validation rows ``j``.
+    trajectory_loss : ndarray of shape (n_samples,), float64
+        Each sample's training loss averaged over the epochs, as the training
+        steps computed it.
+    trajectory_proba : ndarray of shape (n_samples, n_classes), float64
+        Each sample's softmax output averaged over the epochs, likewise.
     """
 
     model: nn.Module
     history: dict[str, list[float]]
     trajectory: Trajectory
     contribution: np.ndarray
+    class_contribution: np.ndarray
     contribution_matrix: np.ndarray | None
+    trajectory_loss: np.ndarray
+    trajectory_proba: np.ndarray
 
 
 def fit_contributions(
@@ -74,6 +93,7 @@ def fit_contributions(
     *,
     criterion: nn.Module,
     trajectory: Trajectory,
+    n_classes: int | None = None,
     hessian: str = "free",
     val_rows: torch.Tensor | None = None,
     exact_indices: torch.Tensor | None = None,
@@ -94,6 +114,9 @@ def fit_contributions(
         Per-sample loss, ``reduction="none"``.
     trajectory : Trajectory
         From :func:`hydraclean.training.plan_trajectory`.
+    n_classes : int, optional
+        Number of classes (columns of ``class_contribution``); default
+        ``max(y, y_val) + 1``.
     hessian : {"free", "exact"}
         Hessian-free replay (O(N K) memory) or exact tracking with
         Hessian-vector products (O(S n_params) memory for S tracked samples).
@@ -116,19 +139,58 @@ def fit_contributions(
         if exact_indices is None:
             exact_indices = torch.arange(n, device=X.device)
         tracker = ExactTracker(module, criterion, trajectory, exact_indices, chunk_size=chunk_size)
-    model, history = train(
+    model, history, trace = train(
         module, X, y, criterion, trajectory, on_step=tracker, validation=(X_val, y_val), progress=progress
     )
+    if n_classes is None:
+        n_classes = int(max(y.max(), y_val.max())) + 1
     mean_grad, rows_grad = validation_gradients(model, X_val, y_val, criterion, rows=val_rows)
-    directions = mean_grad.unsqueeze(0) if rows_grad is None else torch.cat([mean_grad.unsqueeze(0), rows_grad])
+    class_grads = class_validation_gradients(model, X_val, y_val, criterion, n_classes)
+    present = torch.isfinite(class_grads).all(1)
+    # one set of directions for one replay: [mean, classes with validation samples, rows]
+    parts = [mean_grad.unsqueeze(0), class_grads[present]] + ([] if rows_grad is None else [rows_grad])
+    directions = torch.cat(parts)
     if tracker is None:
         projections = free_projections(trajectory, module, X, y, criterion, directions, progress=progress)
     else:
         projections = torch.full((n, directions.shape[0]), float("nan"), dtype=X.dtype, device=X.device)
         projections[exact_indices] = tracker.nabla @ directions.T
     scores = contributions_from_projections(projections, n).double().cpu().numpy()
-    matrix = scores[:, 1:] if rows_grad is not None else None
-    return HydraResult(model, history, trajectory, scores[:, 0].copy(), matrix)
+    n_present = int(present.sum())
+    by_class = np.full((n, n_classes), np.nan)
+    by_class[:, present.cpu().numpy()] = scores[:, 1 : 1 + n_present]
+    matrix = scores[:, 1 + n_present :] if rows_grad is not None else None
+    return HydraResult(model, history, trajectory, scores[:, 0].copy(), by_class, matrix,
+                       trace.loss.double().cpu().numpy(), trace.proba.double().cpu().numpy())
+
+
+def suggest_labels(class_contribution: np.ndarray, classes: np.ndarray, given: np.ndarray) -> np.ndarray:
+    """The class whose validation loss each sample raises most: ``classes[argmin_c C(i, c)]``.
+
+    A flipped sample (observed label a, true class b) mostly raises the loss
+    of class b's validation samples, so for a mislabelled sample this names
+    its likely true class (DESIGN.md §5); for a correctly labelled one it names
+    the class it competes with most.
+
+    Parameters
+    ----------
+    class_contribution : ndarray of shape (n_samples, n_classes)
+        ``C(i, c)``; NaN columns (classes without validation samples) are
+        skipped, all-NaN rows (unscored samples) keep their given label.
+    classes : ndarray of shape (n_classes,)
+        Label of each column.
+    given : ndarray of shape (n_samples,)
+        The labels as given, kept for unscored rows.
+
+    Returns
+    -------
+    suggested : ndarray of shape (n_samples,), dtype of ``classes``
+    """
+    C = np.asarray(class_contribution, dtype=np.float64)
+    scored = ~np.isnan(C).all(axis=1)
+    suggested = np.asarray(given).astype(classes.dtype, copy=True)
+    suggested[scored] = classes[np.nanargmin(C[scored], axis=1)]
+    return suggested
 
 
 def inter_class_contribution(
@@ -181,10 +243,54 @@ def inter_class_contribution(
     counts = np.outer(rows.sum(0), cols.sum(0))
     total = rows.T @ C @ cols
     A = np.divide(total, counts, out=np.zeros_like(total), where=counts > 0)
-    if normalize:
-        denom = np.sqrt(np.abs(np.outer(A.sum(1), A.sum(0))))
-        A = np.divide(A, denom, out=np.zeros_like(A), where=denom > 0)
-    return A
+    return _normalize_inter_class(A) if normalize else A
+
+
+def class_to_class_contribution(
+    class_contribution: np.ndarray, y_train: np.ndarray, classes: np.ndarray, normalize: bool = True
+) -> np.ndarray:
+    """The inter-class map of paper eq. 23 from the class-resolved ``C(i, c)`` alone.
+
+    ``A[a, b]`` is the mean of ``C(i, b)`` over the training samples labelled
+    ``a``, which equals :func:`inter_class_contribution` over every validation
+    sample (``C(i, b)`` is the mean of ``C(i, j)`` over class ``b``), without the
+    per-validation-sample matrix: any fit gives it.
+
+    Parameters
+    ----------
+    class_contribution : ndarray of shape (n_train, n_classes)
+        ``class_contribution_``; all-NaN rows (unscored samples) are ignored.
+    y_train : ndarray of shape (n_train,)
+        Observed training labels, values of ``classes``.
+    classes : ndarray of shape (n_classes,)
+        The label of each column (``classes_``), also the row order.
+    normalize : bool, default=True
+        As in :func:`inter_class_contribution`.
+
+    Returns
+    -------
+    A : ndarray of shape (n_classes, n_classes)
+        Rows: training classes; columns: validation classes. A class without
+        validation samples gives a NaN column, one without training samples a
+        row of zeros.
+    """
+    R = np.asarray(class_contribution, dtype=np.float64)
+    y_train = np.asarray(y_train)
+    scored = ~np.isnan(R).all(axis=1)
+    rows = (y_train[scored, None] == np.asarray(classes)[None, :]).astype(np.float64)
+    counts = rows.sum(0)[:, None]
+    A = np.divide(rows.T @ np.nan_to_num(R[scored]), counts, out=np.zeros((len(classes), R.shape[1])),
+                  where=counts > 0)
+    A[:, np.isnan(R[scored]).all(axis=0)] = np.nan
+    return _normalize_inter_class(A) if normalize else A
+
+
+def _normalize_inter_class(A: np.ndarray) -> np.ndarray:
+    """The paper's normalisation: divide by ``sqrt(|row sum| * |column sum|)`` (0 where that is 0)."""
+    denom = np.sqrt(np.abs(np.outer(np.nansum(A, 1), np.nansum(A, 0))))
+    out = np.divide(A, denom, out=np.zeros_like(A), where=denom > 0)
+    out[np.isnan(A)] = np.nan
+    return out
 
 
 @dataclass

@@ -131,7 +131,9 @@ def load_torchvision(name: str, root: str | os.PathLike, train: bool = True) -> 
     return np.ascontiguousarray(X), np.asarray(ds.targets, dtype=np.int64)
 
 
-def make_label_noise(y, rate: float, kind: str = "symmetric", random_state=None) -> tuple[np.ndarray, np.ndarray]:
+def make_label_noise(
+    y, rate: float, kind: str = "symmetric", random_state=None, pairs=None
+) -> tuple[np.ndarray, np.ndarray]:
     """Flip exactly ``round(rate * n_c)`` labels of every class ``c``.
 
     Parameters
@@ -143,9 +145,14 @@ def make_label_noise(y, rate: float, kind: str = "symmetric", random_state=None)
     kind : {"symmetric", "pairs", "permutation"}, default="symmetric"
         ``"symmetric"``: each flipped label is drawn uniformly from the other
         classes. ``"pairs"``: class k becomes class k+1 (cyclically, in sorted
-        order). ``"permutation"``: one random permutation of the classes
-        without fixed points, drawn from ``random_state``.
+        order), or with ``pairs`` each named class becomes its partner.
+        ``"permutation"``: one random permutation of the classes without
+        fixed points, drawn from ``random_state``.
     random_state : int, RandomState or None
+    pairs : sequence of (label, label), optional
+        With ``kind="pairs"``: disjoint pairs of labels (values of ``y``) that
+        are confused both ways, e.g. the look-alike classes ``[(3, 5), (4, 9)]``;
+        classes in no pair keep their labels.
 
     Returns
     -------
@@ -164,20 +171,42 @@ def make_label_noise(y, rate: float, kind: str = "symmetric", random_state=None)
     k = classes.size
     if k < 2:
         raise ValueError("make_label_noise needs at least 2 classes.")
+    if pairs is not None and kind != "pairs":
+        raise ValueError(f"pairs is used with kind='pairs' only, got kind={kind!r}.")
     if kind == "permutation":
         mapping = rng.permutation(k)
         while np.any(mapping == np.arange(k)):
             mapping = rng.permutation(k)
+    elif kind == "pairs":
+        mapping = (np.arange(k) + 1) % k if pairs is None else _pair_mapping(classes, pairs)
     noisy = codes.copy()
     mask = np.zeros(y.shape[0], dtype=bool)
     for c in range(k):
+        if kind != "symmetric" and mapping[c] == c:  # a class in no pair
+            continue
         members = np.flatnonzero(codes == c)
         flip = rng.choice(members, size=int(round(rate * members.size)), replace=False)
         if kind == "symmetric":
             noisy[flip] = (c + rng.randint(1, k, size=flip.size)) % k
-        elif kind == "pairs":
-            noisy[flip] = (c + 1) % k
         else:
             noisy[flip] = mapping[c]
         mask[flip] = True
     return classes[noisy], mask
+
+
+def _pair_mapping(classes: np.ndarray, pairs) -> np.ndarray:
+    """Class codes -> partner codes for disjoint label pairs; unpaired classes map to themselves."""
+    mapping = np.arange(classes.size)
+    seen: set = set()
+    for pair in pairs:
+        if len(pair) != 2 or pair[0] == pair[1]:
+            raise ValueError(f"pairs must hold pairs of two different labels, got {pair!r}.")
+        missing = [label for label in pair if label not in classes]
+        if missing:
+            raise ValueError(f"pairs names labels {missing} that are not in y.")
+        if seen & set(pair):
+            raise ValueError(f"pairs must be disjoint; {pair!r} repeats a label.")
+        seen |= set(pair)
+        a, b = np.searchsorted(classes, pair)
+        mapping[a], mapping[b] = b, a
+    return mapping

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import inspect
 import warnings
+from dataclasses import dataclass
 from numbers import Integral, Real
 
 import numpy as np
@@ -21,10 +22,17 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from .cleaning import flag_lowest, flag_sign_clusters
-from .contribution import Explanation, contributions_from_projections, fit_contributions, top_contributors
+from .cleaning import estimate_issue_count, flag_lowest, flag_sign_clusters
+from .contribution import (
+    Explanation,
+    contributions_from_projections,
+    fit_contributions,
+    suggest_labels,
+    top_contributors,
+)
 from .gradients import validation_gradients
 from .hypergradient import free_projections
+from .scoring import SCORES
 from .data import check_features, check_labels, resolve_validation_rows, select_rows
 from .training import plan_trajectory, step_rng
 
@@ -34,7 +42,11 @@ _FITTED = (
     "_criterion",
     "_train_data",
     "contribution_",
+    "class_contribution_",
+    "suggested_label_",
     "contribution_matrix_",
+    "trajectory_loss_",
+    "trajectory_proba_",
     "label_quality_",
     "label_issues_",
     "support_",
@@ -48,6 +60,19 @@ _FITTED = (
     "trajectory_",
     "device_",
 )
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """The checked inputs of one fit: every row's label, the split, and codes 0..n_classes-1."""
+
+    y_all: np.ndarray  # labels of every row of X, as given
+    val_mask: np.ndarray  # rows of X that are trusted validation rows
+    X_train: np.ndarray
+    y_train: np.ndarray  # codes into classes
+    X_val: np.ndarray
+    y_val: np.ndarray  # codes into classes
+    classes: np.ndarray
 
 
 class _HydraBase(BaseEstimator):
@@ -64,7 +89,8 @@ class _HydraBase(BaseEstimator):
     _parameter_constraints: dict = {
         "module": [nn.Module, callable],
         "strategy": [StrOptions({"drop", "cluster"})],
-        "drop_fraction": [Interval(Real, 0, 1, closed="both")],
+        "scoring": [StrOptions(set(SCORES))],
+        "drop_fraction": [Interval(Real, 0, 1, closed="both"), StrOptions({"auto"})],
         "n_val_features": [Interval(Integral, 1, None, closed="left")],
         "hessian": [StrOptions({"free", "exact"})],
         "exact_subset": ["array-like", None],
@@ -86,7 +112,8 @@ class _HydraBase(BaseEstimator):
         module,
         *,
         strategy: str = "drop",
-        drop_fraction: float = 0.1,
+        scoring: str = "combined",
+        drop_fraction: float | str = "auto",
         n_val_features: int = 1000,
         hessian: str = "free",
         exact_subset=None,
@@ -104,6 +131,7 @@ class _HydraBase(BaseEstimator):
     ) -> None:
         self.module = module
         self.strategy = strategy
+        self.scoring = scoring
         self.drop_fraction = drop_fraction
         self.n_val_features = n_val_features
         self.hessian = hessian
@@ -233,6 +261,12 @@ class _HydraBase(BaseEstimator):
         split_seed, init_seed, train_seed, feature_seed = check_random_state(self.random_state).randint(
             np.iinfo(np.int32).max, size=4
         )
+        data = self._resolve_inputs(X, y, X_val, y_val, validation_mask, split_seed)
+        result, run = self._run(data, int(init_seed), int(train_seed), int(feature_seed))
+        return self._decide(data, result, run, int(feature_seed))
+
+    def _resolve_inputs(self, X, y, X_val, y_val, validation_mask, split_seed) -> _Inputs:
+        """Checked arrays: the training rows, the trusted validation rows and the label codes."""
         X_all = check_features(X)
         y_all = check_labels(y, X_all.shape[0])
         if X_all.shape[0] < 2:
@@ -254,7 +288,7 @@ class _HydraBase(BaseEstimator):
                     "training data. Noisy validation labels weaken the scores; pass a clean "
                     "X_val, y_val (or validation_mask) when you have one." + self._validation_hint,
                     UserWarning,
-                    stacklevel=3,
+                    stacklevel=4,
                 )
             X_tr, y_tr, X_v, y_v = X_all[~val_mask], y_all[~val_mask], X_all[val_mask], y_all[val_mask]
         else:
@@ -280,22 +314,24 @@ class _HydraBase(BaseEstimator):
                 f"The validation labels {unseen.tolist()[:10]} do not occur in the training labels "
                 f"{classes.tolist()[:10]}; every validation class must be seen in training."
             )
-        y_v_enc = np.searchsorted(classes, y_v)
+        return _Inputs(y_all, val_mask, X_tr, y_tr_enc, X_v, np.searchsorted(classes, y_v), classes)
 
+    def _run(self, data: _Inputs, init_seed: int, train_seed: int, feature_seed: int):
+        """Train with the trajectory recorded and compute the contributions (hydraclean.contribution)."""
         device = self._resolve_device()
-        module = self._build_module(X_tr.shape[1:], classes.size, device, init_seed)
+        module = self._build_module(data.X_train.shape[1:], data.classes.size, device, init_seed)
         dtype = _floating_dtype(module)
         criterion = self._resolve_criterion()
         to = lambda a, dt: torch.as_tensor(a, dtype=dt, device=device)  # noqa: E731
-        Xt, Xv = to(X_tr, dtype), to(X_v, dtype)
-        yt, yv = to(y_tr_enc, torch.long), to(y_v_enc, torch.long)
-        _check_forward(module, Xt[:2], classes.size)
+        Xt, Xv = to(data.X_train, dtype), to(data.X_val, dtype)
+        yt, yv = to(data.y_train, torch.long), to(data.y_val, torch.long)
+        _check_forward(module, Xt[:2], data.classes.size)
 
         val_rows = None
         if self.strategy == "cluster":
             m = min(self.n_val_features, Xv.shape[0])
             val_rows = np.sort(np.random.RandomState(feature_seed).choice(Xv.shape[0], size=m, replace=False))
-        exact_rows = self._exact_rows(val_mask) if self.hessian == "exact" else None
+        exact_rows = self._exact_rows(data.val_mask) if self.hessian == "exact" else None
         trajectory = plan_trajectory(
             Xt.shape[0],
             batch_size=self.batch_size,
@@ -304,7 +340,7 @@ class _HydraBase(BaseEstimator):
             lr_schedule=self.lr_schedule,
             momentum=self.momentum,
             weight_decay=self.weight_decay,
-            seed=int(train_seed),
+            seed=train_seed,
         )
         result = fit_contributions(
             module,
@@ -314,44 +350,65 @@ class _HydraBase(BaseEstimator):
             yv,
             criterion=criterion,
             trajectory=trajectory,
+            n_classes=data.classes.size,
             hessian=self.hessian,
             val_rows=None if val_rows is None else torch.as_tensor(val_rows, device=device),
             exact_indices=None if exact_rows is None else torch.as_tensor(exact_rows, device=device),
             progress=self._progress(),
         )
+        run = {"device_": device, "val_feature_indices_": val_rows, "_criterion": criterion,
+               "_train_data": (Xt.cpu(), yt.cpu())}
+        return result, run
 
-        n_all = X_all.shape[0]
-        train_rows = np.flatnonzero(~val_mask)
-        contribution = np.full(n_all, np.nan)
-        contribution[train_rows] = result.contribution
-        matrix = None
-        if result.contribution_matrix is not None:
-            matrix = np.full((n_all, result.contribution_matrix.shape[1]), np.nan)
-            matrix[train_rows] = result.contribution_matrix
+    def _decide(self, data: _Inputs, result, run: dict, feature_seed: int) -> dict:
+        """Score every training row with ``scoring`` and flag with ``strategy`` (hydraclean.cleaning)."""
+        n_all = data.val_mask.size
+        train_rows = np.flatnonzero(~data.val_mask)
+
+        def per_row(values: np.ndarray | None) -> np.ndarray | None:
+            """Training-row values laid out over the rows of X, NaN for validation rows."""
+            if values is None:
+                return None
+            out = np.full((n_all, *values.shape[1:]), np.nan)
+            out[train_rows] = values
+            return out
+
+        quality = SCORES[self.scoring](
+            contribution=result.contribution,
+            class_contribution=result.class_contribution,
+            labels=data.y_train,
+            trajectory_loss=result.trajectory_loss,
+            trajectory_proba=result.trajectory_proba,
+        )
         issues = np.zeros(n_all, dtype=bool)
-        if self.strategy == "drop":
-            issues[train_rows] = flag_lowest(result.contribution, self.drop_fraction)
+        if self.strategy == "drop" and self.drop_fraction == "auto":
+            count = estimate_issue_count(result.class_contribution, result.trajectory_proba, data.y_train)
+            issues[train_rows] = flag_lowest(quality, count=count)
+        elif self.strategy == "drop":
+            issues[train_rows] = flag_lowest(quality, self.drop_fraction)
         else:
             issues[train_rows] = flag_sign_clusters(
-                result.contribution_matrix, y_tr_enc, result.contribution, random_state=feature_seed
+                result.contribution_matrix, data.y_train, quality, random_state=feature_seed
             )
+        class_contribution = per_row(result.class_contribution)
         return {
-            "contribution_": contribution,
-            "contribution_matrix_": matrix,
-            "label_quality_": contribution,
+            **run,
+            "contribution_": per_row(result.contribution),
+            "class_contribution_": class_contribution,
+            "suggested_label_": suggest_labels(class_contribution, data.classes, data.y_all),
+            "contribution_matrix_": per_row(result.contribution_matrix),
+            "trajectory_loss_": per_row(result.trajectory_loss),
+            "trajectory_proba_": per_row(result.trajectory_proba),
+            "label_quality_": per_row(quality),
             "label_issues_": issues,
             "support_": ~issues,
-            "classes_": classes,
-            "n_features_in_": int(np.prod(X_tr.shape[1:])),
-            "input_shape_": tuple(X_tr.shape[1:]),
+            "classes_": data.classes,
+            "n_features_in_": int(np.prod(data.X_train.shape[1:])),
+            "input_shape_": tuple(data.X_train.shape[1:]),
             "module_": result.model.eval(),
             "history_": result.history,
-            "validation_mask_": val_mask,
-            "val_feature_indices_": val_rows,
+            "validation_mask_": data.val_mask,
             "trajectory_": result.trajectory,
-            "device_": device,
-            "_criterion": criterion,
-            "_train_data": (Xt.cpu(), yt.cpu()),
         }
 
     def _resolve_device(self) -> torch.device:
@@ -446,8 +503,18 @@ class HydraLabelCleaner(TransformerMixin, _HydraBase):
     recording its trajectory, follows the hypergradient of the parameters
     with respect to every training sample's weight through all steps, and
     scores each sample by its contribution to a trusted validation set's
-    loss (positive helps, negative hurts). The least useful samples are
-    flagged.
+    loss (positive helps, negative hurts): overall (``contribution_``, the
+    paper's C(i)) and per validation class (``class_contribution_``). The
+    training run also records how it treated each sample (its loss and
+    softmax output, averaged over the epochs). ``scoring`` turns these into
+    one label-quality score, ``label_quality_``; the lowest are flagged.
+
+    The default score, ``"combined"``, adds three robust z-scores: the harm a
+    sample did to the validation class it hurts most, its training loss and
+    its margin along the run; ``docs/benchmarks.md`` compares it with the
+    paper's C(i), cleanlab and the other peers on every benchmark setting.
+    ``scoring="contribution"`` with a float ``drop_fraction`` is the paper's
+    HYDRA.
 
     .. note::
        ``fit_transform(X, y)`` returns ``X[support_]``, the cleaned training
@@ -465,12 +532,26 @@ class HydraLabelCleaner(TransformerMixin, _HydraBase):
         it is initialised under ``random_state``. Training runs in the dtype
         of the module's parameters.
     strategy : {"drop", "cluster"}, default="drop"
-        ``"drop"`` flags the ``round(drop_fraction * n_train)`` samples with
-        the lowest contribution. ``"cluster"`` clusters, per class, the sign
-        vectors of ``C(i, j)`` over ``n_val_features`` validation samples in
-        two and flags the group with the lower mean contribution.
-    drop_fraction : float in [0, 1], default=0.1
-        Fraction of training samples flagged by ``strategy="drop"``.
+        ``"drop"`` flags the samples with the lowest ``label_quality_``, as
+        many as ``drop_fraction`` says. ``"cluster"`` clusters, per class,
+        the sign vectors of ``C(i, j)`` over ``n_val_features`` validation
+        samples in two and flags the group with the lower mean
+        ``label_quality_`` (the paper's rule with ``scoring="contribution"``).
+    scoring : str, default="combined"
+        The label-quality score (higher = more likely correct), one of
+        :data:`hydraclean.scoring.SCORES`: ``"combined"``,
+        ``"contribution"`` (the paper's C(i)), ``"class_min"`` (``min_c
+        C(i, c)``), ``"class_harm"`` (the same with each class's column
+        scaled by its spread), ``"trajectory_loss"`` and
+        ``"trajectory_margin"`` (no hypergradient: the training run's record
+        of the sample). All come from the same fit.
+    drop_fraction : float in [0, 1] or "auto", default="auto"
+        Fraction of training samples flagged by ``strategy="drop"``. With
+        ``"auto"``, the number is estimated without knowing the noise rate
+        (:func:`hydraclean.cleaning.estimate_issue_count`): the samples that
+        hurt some validation class more than that class's own samples
+        typically help it, or that the model, averaged over the run,
+        predicted as another class. The lowest-scored that many are flagged.
     n_val_features : int, default=1000
         Validation samples drawn (with ``random_state``) as features for
         ``strategy="cluster"``.
@@ -512,11 +593,28 @@ class HydraLabelCleaner(TransformerMixin, _HydraBase):
     contribution_ : ndarray of shape (n_samples,)
         ``C(i) = -(1/N) <grad L_val(w_T), d w_T / d eps_i>``, one entry per
         row of ``X``; NaN for validation rows and untracked rows.
+    class_contribution_ : ndarray of shape (n_samples, n_classes)
+        ``C(i, c) = -(1/N) <grad L_val^c(w_T), d w_T / d eps_i>``, with
+        ``L_val^c`` the mean validation loss over class ``classes_[c]``; a
+        class without validation samples has a NaN column. From the same
+        replay as ``contribution_``, which is its average weighted by the
+        validation class frequencies.
+    suggested_label_ : ndarray of shape (n_samples,)
+        ``classes_[argmin_c C(i, c)]``: the class whose validation loss the
+        sample raises most, its likely true class when it is mislabelled
+        (for a correct one, the class it competes with most). Validation and
+        untracked rows keep their given label.
+    trajectory_loss_ : ndarray of shape (n_samples,)
+        Each sample's training loss averaged over the epochs, as the
+        training steps computed it; NaN for validation rows.
+    trajectory_proba_ : ndarray of shape (n_samples, n_classes)
+        Each sample's softmax output averaged over the epochs, likewise.
     contribution_matrix_ : ndarray of shape (n_samples, n_val_features) or None
         ``C(i, j)`` against the validation samples ``val_feature_indices_``
         (``strategy="cluster"`` only).
     label_quality_ : ndarray of shape (n_samples,)
-        The score the strategies rank by (``contribution_``).
+        The ``scoring`` score that the strategies rank by: higher = more
+        likely correctly labelled; NaN for validation and untracked rows.
     label_issues_ : ndarray of shape (n_samples,), bool
         Flagged rows.
     support_ : ndarray of shape (n_samples,), bool
@@ -615,7 +713,7 @@ class HydraSampler(_HydraBase):
     >>> from hydraclean import HydraSampler
     >>> rng = np.random.RandomState(0)
     >>> X = rng.normal(size=(60, 4)).astype("float32"); y = (X[:, 0] > 0).astype(int)
-    >>> sampler = HydraSampler(torch.nn.Linear(4, 2), max_epochs=2, random_state=0)
+    >>> sampler = HydraSampler(torch.nn.Linear(4, 2), drop_fraction=0.1, max_epochs=2, random_state=0)
     >>> X_res, y_res = sampler.fit_resample(X, y, X_val=X[:20], y_val=y[:20])
     >>> X_res.shape
     (54, 4)

@@ -107,6 +107,6 @@ def retrain_accuracy(
                            momentum=momentum, weight_decay=weight_decay, seed=seed)
     criterion = nn.CrossEntropyLoss(reduction="none")
     to = lambda a, dt: torch.as_tensor(np.asarray(a), dtype=dt, device=device)  # noqa: E731
-    model, _ = train(module, to(X, dtype), to(y, torch.long), criterion, traj)
+    model, _, _ = train(module, to(X, dtype), to(y, torch.long), criterion, traj)
     _, accuracy = evaluate_model(model, to(X_test, dtype), to(y_test, torch.long), criterion)
     return accuracy

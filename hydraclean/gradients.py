@@ -32,6 +32,7 @@ __all__ = [
     "parameter_dict",
     "per_sample_gradients",
     "unflatten",
+    "class_validation_gradients",
     "validation_gradients",
 ]
 
@@ -218,6 +219,53 @@ def validation_gradients(
     G : Tensor of shape (len(rows), n_params) or None
         ``grad l_j^val(w_T)`` for each requested row.
     """
+    params, batch_loss, per_sample_grad = _eval_losses(model, criterion)
+    total = torch.zeros(sum(p.numel() for p in params.values()), dtype=X.dtype, device=X.device)
+    for start in range(0, X.shape[0], batch_size):
+        total += flatten(grad(batch_loss)(params, X[start : start + batch_size], y[start : start + batch_size]))
+    per_sample = None
+    if rows is not None:
+        per_sample = torch.cat([per_sample_grad(params, X[r], y[r]) for r in torch.split(rows, batch_size)])
+    return total / X.shape[0], per_sample
+
+
+def class_validation_gradients(
+    model: nn.Module,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    criterion: nn.Module,
+    n_classes: int,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """``G^c = grad L_val^c(w_T)`` for every class, ``L_val^c`` the mean loss over class ``c``.
+
+    Eval mode, like :func:`validation_gradients`. The per-sample validation
+    gradients of each batch are summed by class, then divided by the class
+    counts (DESIGN.md §5).
+
+    Parameters
+    ----------
+    model, X, y, criterion, batch_size
+        As in :func:`validation_gradients`; ``y`` holds codes in ``0..n_classes-1``.
+    n_classes : int
+
+    Returns
+    -------
+    G : Tensor of shape (n_classes, n_params)
+        Rows of classes with no validation sample are NaN.
+    """
+    params, _, per_sample_grad = _eval_losses(model, criterion)
+    n_params = sum(p.numel() for p in params.values())
+    sums = torch.zeros(n_classes, n_params, dtype=X.dtype, device=X.device)
+    for start in range(0, X.shape[0], batch_size):
+        xb, yb = X[start : start + batch_size], y[start : start + batch_size]
+        sums.index_add_(0, yb, per_sample_grad(params, xb, yb))
+    counts = torch.bincount(y, minlength=n_classes).to(sums.dtype)
+    return sums / counts.unsqueeze(1)  # 0 / 0 = NaN for an absent class
+
+
+def _eval_losses(model: nn.Module, criterion: nn.Module):
+    """Parameters, the summed batch loss and flat per-sample gradients of an eval-mode copy."""
     model = copy.deepcopy(model).eval()
     params = parameter_dict(model)
     buffers = dict(model.named_buffers())
@@ -228,16 +276,9 @@ def validation_gradients(
     def single_loss(p: Params, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
         return batch_loss(p, xi.unsqueeze(0), yi.unsqueeze(0))
 
-    total = torch.zeros(sum(p.numel() for p in params.values()), dtype=X.dtype, device=X.device)
-    for start in range(0, X.shape[0], batch_size):
-        total += flatten(grad(batch_loss)(params, X[start : start + batch_size], y[start : start + batch_size]))
-    per_sample = None
-    if rows is not None:
-        per_sample_grad = vmap(grad(single_loss), in_dims=(None, 0, 0))
-        per_sample = torch.cat(
-            [
-                flatten(per_sample_grad(params, X[r], y[r]), batch_dims=1)
-                for r in torch.split(rows, batch_size)
-            ]
-        )
-    return total / X.shape[0], per_sample
+    vmapped = vmap(grad(single_loss), in_dims=(None, 0, 0))
+
+    def per_sample_grad(p: Params, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        return flatten(vmapped(p, xb, yb), batch_dims=1)
+
+    return params, batch_loss, per_sample_grad

@@ -77,6 +77,7 @@ def plot_explanation(
     y_val: np.ndarray,
     index: int = 0,
     k: int | None = None,
+    suggested: np.ndarray | None = None,
 ):
     """A validation image beside its most helpful and most harmful training images.
 
@@ -92,6 +93,9 @@ def plot_explanation(
         Which explained sample to show.
     k : int, optional
         Images per row (default: all in the explanation).
+    suggested : ndarray of shape (n_samples,), optional
+        ``suggested_label_`` of the fitted cleaner: a training image whose
+        suggested label differs from its label is titled ``label a -> b``.
 
     Returns
     -------
@@ -114,7 +118,10 @@ def plot_explanation(
         for c in range(k):
             i = idx[index, c]
             axes[row, c + 1].imshow(_image(X_train[i]), cmap="gray")
-            axes[row, c + 1].set_title(f"{name} #{c + 1}\nlabel {y_train[i]}\n{scores[index, c]:+.2e}", fontsize=7)
+            label = f"label {y_train[i]}"
+            if suggested is not None and suggested[i] != y_train[i]:
+                label += f" -> {suggested[i]}"
+            axes[row, c + 1].set_title(f"{name} #{c + 1}\n{label}\n{scores[index, c]:+.2e}", fontsize=7)
     return fig
 
 

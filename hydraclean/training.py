@@ -28,7 +28,7 @@ from torch import nn
 
 from .schedules import Schedule, learning_rates
 
-__all__ = ["Trajectory", "evaluate_model", "plan_trajectory", "replay", "run_sgd", "step_rng", "train"]
+__all__ = ["SampleTrace", "Trajectory", "evaluate_model", "plan_trajectory", "replay", "run_sgd", "step_rng", "train"]
 
 # on_step(model, t, indices, xb, yb) sees the weights w_{t-1} in the model before step t.
 StepCallback = Callable[[nn.Module, int, torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -105,6 +105,25 @@ def plan_trajectory(
     return Trajectory(order, int(batch_size), lrs, seeds, float(momentum), float(weight_decay))
 
 
+@dataclass
+class SampleTrace:
+    """How the training run treated each sample, averaged over the epochs.
+
+    Both come from the training steps' own forward passes (train mode, the
+    step's dropout mask and batch statistics), at no extra cost.
+
+    Attributes
+    ----------
+    loss : Tensor of shape (n_samples,)
+        Mean training loss of each sample.
+    proba : Tensor of shape (n_samples, n_outputs)
+        Mean softmax of the module's outputs for each sample.
+    """
+
+    loss: torch.Tensor
+    proba: torch.Tensor
+
+
 @contextlib.contextmanager
 def step_rng(seed: int, device: torch.device) -> Iterator[None]:
     """Run the body under ``seed`` without disturbing the caller's RNG state."""
@@ -125,7 +144,7 @@ def run_sgd(
     on_epoch_end: Callable[[int], None] | None = None,
     progress: Progress | None = None,
     desc: str = "training",
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, SampleTrace]:
     """Train ``model`` in place along ``trajectory``.
 
     Parameters
@@ -153,6 +172,9 @@ def run_sgd(
         Mean training loss of each step's batch, on the model's device.
     step_correct : Tensor of shape (n_steps,)
         Number of correctly classified samples in each batch.
+    trace : SampleTrace
+        Each sample's loss and softmax output averaged over the epochs, on
+        the model's device.
 
     Raises
     ------
@@ -170,6 +192,8 @@ def run_sgd(
     )
     step_loss = torch.empty(trajectory.n_steps, dtype=X.dtype, device=device)
     step_correct = torch.empty(trajectory.n_steps, dtype=torch.int64, device=device)
+    sample_loss = torch.zeros(trajectory.n_samples, dtype=X.dtype, device=device)
+    sample_proba = None
     steps_per_epoch = -(-trajectory.n_samples // trajectory.batch_size)
     epochs = range(trajectory.order.shape[0])
     for epoch in progress(epochs, desc) if progress else epochs:
@@ -187,16 +211,22 @@ def run_sgd(
                 group["lr"] = float(trajectory.lrs[t])
             with step_rng(trajectory.seeds[t], device):
                 logits = model(xb)
-            loss = criterion(logits, yb).mean()
+            losses = criterion(logits, yb)
+            loss = losses.mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            sample_loss.index_add_(0, idx, losses.detach())
+            if sample_proba is None:
+                sample_proba = logits.new_zeros(trajectory.n_samples, logits.shape[1])
+            sample_proba.index_add_(0, idx, logits.detach().softmax(1))
             step_loss[t] = loss.detach()
             step_correct[t] = (logits.detach().argmax(1) == yb).sum()
         _check_finite(step_loss[first : first + steps_per_epoch], epoch, first, trajectory)
         if on_epoch_end is not None:
             on_epoch_end(epoch)
-    return step_loss, step_correct
+    n_epochs = trajectory.order.shape[0]
+    return step_loss, step_correct, SampleTrace(sample_loss / n_epochs, sample_proba / n_epochs)
 
 
 def _check_finite(losses: torch.Tensor, epoch: int, first: int, trajectory: Trajectory) -> None:
@@ -220,7 +250,7 @@ def train(
     on_step: StepCallback | None = None,
     validation: tuple[torch.Tensor, torch.Tensor] | None = None,
     progress: Progress | None = None,
-) -> tuple[nn.Module, dict[str, list[float]]]:
+) -> tuple[nn.Module, dict[str, list[float]], SampleTrace]:
     """Train a copy of ``module`` along ``trajectory`` and record ``w_0``.
 
     Parameters
@@ -239,6 +269,8 @@ def train(
     history : dict of str to list of float
         Per-epoch ``train_loss``, ``train_accuracy`` and, with ``validation``,
         ``valid_loss`` and ``valid_accuracy``.
+    trace : SampleTrace
+        Each sample's training loss and softmax output averaged over the epochs.
     """
     model = copy.deepcopy(module)
     trajectory.initial_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -252,7 +284,7 @@ def train(
         history["valid_accuracy"].append(acc)
         model.train()
 
-    step_loss, step_correct = run_sgd(
+    step_loss, step_correct, trace = run_sgd(
         model, X, y, criterion, trajectory, on_step=on_step, on_epoch_end=evaluate, progress=progress
     )
     sizes = torch.as_tensor(trajectory.batch_sizes(), device=X.device)
@@ -265,7 +297,7 @@ def train(
     ).tolist()
     if validation is None:
         del history["valid_loss"], history["valid_accuracy"]
-    return model, history
+    return model, history, trace
 
 
 @torch.no_grad()

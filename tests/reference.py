@@ -63,6 +63,25 @@ def unrolled_weights(module, w0, X, y, traj, eps, criterion):
     return w
 
 
+def mean_sample_losses(module, X, y, traj, criterion):
+    """Each sample's training loss and softmax output averaged over the epochs, by the hand-written SGD loop."""
+    w, v = flat_params(module), None
+    total, proba = torch.zeros(X.shape[0], dtype=X.dtype), None
+    for t, idx in enumerate(batches(traj)):
+        wr = w.clone().requires_grad_(True)
+        with seeded(traj.seeds[t]):
+            logits = functional_call(module, split(wr, module), (X[idx],))
+        losses = criterion(logits, y[idx])
+        (g,) = torch.autograd.grad(losses.mean(), wr)
+        total[idx] += losses.detach()
+        proba = torch.zeros(X.shape[0], logits.shape[1], dtype=X.dtype) if proba is None else proba
+        proba[idx] += torch.softmax(logits.detach(), 1)
+        g = g + traj.weight_decay * w
+        v = g if v is None else traj.momentum * v + g
+        w = w - float(traj.lrs[t]) * v
+    return total / traj.order.shape[0], proba / traj.order.shape[0]
+
+
 def val_loss(module, w, X_val, y_val, criterion):
     module.eval()
     out = criterion(functional_call(module, split(w, module), (X_val,)), y_val).mean()

@@ -44,9 +44,28 @@ def test_clean_npz_round_trip(digits_files, capsys):
     np.testing.assert_array_equal(kept["X"], X[~flagged])
     np.testing.assert_array_equal(kept["y"], y[~flagged])
     assert kept["X_val"].shape == (100, 1, 8, 8)  # the trusted set travels with the data
-    scores = np.array([float(r["contribution"]) for r in report])
+    scores = np.array([float(r["label_quality"]) for r in report])
     assert scores[flagged].max() <= scores[~flagged].min()
     assert "flagged 60 of 300 rows" in capsys.readouterr().out
+    # the class-resolved columns: C(i) is their mean weighted by the validation class frequencies
+    by_class = np.array([[float(r[f"class_contribution_{c}"]) for c in range(10)] for r in report])
+    weights = np.bincount(np.load(tmp / "train.npz")["y_val"], minlength=10) / 100
+    np.testing.assert_allclose(by_class @ weights, [float(r["contribution"]) for r in report], rtol=1e-5, atol=1e-9)
+    assert [int(r["suggested_label"]) for r in report] == list(np.argmin(by_class, axis=1))
+
+
+def test_clean_drop_fraction_auto_and_scoring(digits_files, capsys):
+    tmp, X, y = digits_files
+    out = tmp / "auto.npz"
+    assert main(["clean", str(tmp / "train.npz"), "-o", str(out), "--model", "small-cnn", "--scoring",
+                 "contribution", *FAST]) == 0
+    with open(tmp / "auto_report.csv") as f:
+        report = list(csv.DictReader(f))
+    assert [r["label_quality"] for r in report] == [r["contribution"] for r in report]
+    assert 0 < sum(int(r["flagged"]) for r in report) < 300
+    with pytest.raises(SystemExit):
+        main(["clean", str(tmp / "train.npz"), "-o", str(out), "--drop-fraction", "most"])
+    assert "expected 'auto' or a fraction" in capsys.readouterr().err
 
 
 def test_clean_csv_round_trip_keeps_rows_verbatim(digits_files, capsys):
@@ -92,6 +111,7 @@ def test_demo_prints_the_detection_table():
         warnings.simplefilter("ignore", UserWarning)
         rows = run_demo(epochs=2, out=buf)
     text = buf.getvalue()
-    assert "AUROC" in text and "HYDRA drop" in text and "HYDRA cluster" in text
-    assert {"no cleaning", "HYDRA drop", "HYDRA cluster", "true labels (oracle)"} == {r["method"] for r in rows}
+    assert "AUROC" in text and "HYDRA (defaults)" in text and "HYDRA paper C(i)" in text
+    assert {"no cleaning", "HYDRA (defaults)", "HYDRA paper C(i), drop 20%", "HYDRA cluster",
+            "true labels (oracle)"} == {r["method"] for r in rows}
     assert all(0.0 <= r["auroc"] <= 1.0 for r in rows if "auroc" in r)

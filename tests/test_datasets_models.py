@@ -32,6 +32,19 @@ def test_label_noise_exact_counts_per_class(kind):
     assert np.array_equal(noisy, again)
 
 
+def test_named_pairs_swap_both_ways_and_leave_other_classes():
+    y = np.repeat(np.array([10, 20, 30, 40, 50]), 20)
+    noisy, mask = make_label_noise(y, 0.25, kind="pairs", pairs=[(20, 50), (10, 30)], random_state=0)
+    assert not mask[y == 40].any()
+    for a, b in [(20, 50), (50, 20), (10, 30), (30, 10)]:
+        assert mask[y == a].sum() == 5 and set(noisy[(y == a) & mask]) == {b}
+    for bad, match in [([(20, 20)], "two different"), ([(20, 60)], "not in y"), ([(10, 20), (20, 30)], "disjoint")]:
+        with pytest.raises(ValueError, match=match):
+            make_label_noise(y, 0.25, kind="pairs", pairs=bad)
+    with pytest.raises(ValueError, match="kind='pairs' only"):
+        make_label_noise(y, 0.25, pairs=[(10, 20)])
+
+
 def test_symmetric_noise_is_uniform_over_other_classes_and_keeps_label_values():
     y = np.array(["a", "b", "c", "d"] * 3000)
     noisy, mask = make_label_noise(y, 0.5, random_state=1)

@@ -56,7 +56,7 @@ def test_training_follows_torch_sgd_written_out(n, batch_size, epochs):
     X, y, Xv, yv = data(n)
     module = ref.tiny_mlp()
     traj = plan(n, batch_size, epochs)
-    model, _ = train(module, X, y, CE, traj)
+    model, _, _ = train(module, X, y, CE, traj)
     w_ref = ref.unrolled_weights(module, ref.flat_params(module), X, y, traj, torch.zeros(n, dtype=torch.float64), CE)
     assert ref.relative_error(ref.flat_params(model), w_ref.detach()) < 1e-12
 
@@ -174,3 +174,54 @@ def test_contribution_predicts_leave_one_out_change_for_a_small_weight():
         losses.append(float(ref.val_loss(module, w, Xv, yv, CE).detach()))
     fd = -(losses[0] - losses[1]) / (2 * h) / n
     assert result.contribution[i] == pytest.approx(fd, rel=1e-5)
+
+
+def class_reference(module, nabla, w_T, Xv, yv, n_classes):
+    """-(1/N) <grad L_val^c(w_T), nabla_T,i> with L_val^c by autograd, one class at a time."""
+    cols = []
+    for c in range(n_classes):
+        w = w_T.clone().requires_grad_(True)
+        members = yv == c
+        (g,) = torch.autograd.grad(ref.val_loss(module, w, Xv[members], yv[members], CE), w)
+        cols.append(-(nabla @ g) / nabla.shape[0])
+    return torch.stack(cols, dim=1)
+
+
+@pytest.mark.parametrize("hessian", ["exact", "free"])
+def test_class_contributions_equal_references(hessian):
+    n, batch_size, epochs = 10, 4, 3
+    X, y, Xv, yv = data(n)
+    module = ref.tiny_mlp()
+    if hessian == "exact":
+        _, nabla, w_T = ref.unrolled_contributions(module, X, y, Xv, yv, plan(n, batch_size, epochs), CE)
+    else:
+        _, nabla, w_T = ref.free_recurrence(module, X, y, Xv, yv, plan(n, batch_size, epochs), CE)
+    expected = class_reference(module, nabla, w_T, Xv, yv, 3)
+    result = fit_contributions(module, X, y, Xv, yv, criterion=CE, trajectory=plan(n, batch_size, epochs),
+                               hessian=hessian, val_rows=torch.arange(len(yv)))
+    assert ref.relative_error(result.class_contribution, expected) < 1e-9
+    # DESIGN.md §5: class means of C(i, j), and C(i) their validation-weighted sum
+    for c in range(3):
+        np.testing.assert_allclose(result.class_contribution[:, c],
+                                   result.contribution_matrix[:, (yv == c).numpy()].mean(1), rtol=1e-10, atol=1e-15)
+    weights = np.bincount(yv.numpy(), minlength=3) / len(yv)
+    np.testing.assert_allclose(result.class_contribution @ weights, result.contribution, rtol=1e-10, atol=1e-15)
+
+
+def test_class_without_validation_samples_gets_a_nan_column():
+    n = 10
+    X, y, Xv, yv = data(n)
+    keep = yv != 1
+    result = fit_contributions(ref.tiny_mlp(), X, y, Xv[keep], yv[keep], criterion=CE, trajectory=plan(n, 4, 2))
+    assert np.isnan(result.class_contribution[:, 1]).all()
+    assert np.isfinite(result.class_contribution[:, [0, 2]]).all()
+
+
+def test_trajectory_trace_is_each_samples_mean_training_loss_and_softmax():
+    n, batch_size, epochs = 10, 4, 3
+    X, y, Xv, yv = data(n)
+    module = ref.tiny_mlp().train()
+    loss, proba = ref.mean_sample_losses(module, X, y, plan(n, batch_size, epochs), CE)
+    result = fit_contributions(module, X, y, Xv, yv, criterion=CE, trajectory=plan(n, batch_size, epochs))
+    np.testing.assert_allclose(result.trajectory_loss, loss.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(result.trajectory_proba, proba.numpy(), rtol=1e-12)

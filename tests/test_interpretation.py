@@ -76,3 +76,18 @@ def test_explain_subset_and_bad_input(fitted):
         c.explain(Xv[:, :5], yv)
     with pytest.raises(ValueError, match="classes_"):
         c.explain(Xv[:2], np.array([11, 12]))
+
+
+def test_class_to_class_map_from_class_contributions_equals_the_matrix_map(fitted):
+    c, X, y, Xv, yv = fitted
+    from hydraclean.contribution import class_to_class_contribution
+
+    for normalize in (False, True):
+        expected = inter_class_contribution(c.contribution_matrix_, y, yv[c.val_feature_indices_], classes=c.classes_,
+                                            normalize=normalize)
+        got = class_to_class_contribution(c.class_contribution_, y, c.classes_, normalize=normalize)
+        np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-15)
+    missing = c.class_contribution_.copy()
+    missing[:, 3] = np.nan  # a class without validation samples
+    A = class_to_class_contribution(missing, y, c.classes_)
+    assert np.isnan(A[:, 3]).all() and np.isfinite(np.delete(A, 3, axis=1)).all()

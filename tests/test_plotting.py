@@ -30,6 +30,12 @@ def test_explanation_images(tmp_path):
     fig = plot_explanation(ex, X, y, rng.rand(2, 1, 8, 8), np.array([0, 1]), index=1)
     assert len([a for a in fig.axes if a.images]) == 1 + 2 * 4
     assert png_size(fig, tmp_path / "ex.png") > 1000
+    suggested = y.copy()
+    shown = ex.harmful[1, 0]
+    suggested[shown] = y[shown] + 5
+    fig = plot_explanation(ex, X, y, rng.rand(2, 1, 8, 8), np.array([0, 1]), index=1, suggested=suggested)
+    titles = [a.get_title() for a in fig.axes]
+    assert sum("->" in t for t in titles) == 1 and f"label {y[shown]} -> {y[shown] + 5}" in " ".join(titles)
 
 
 def test_contribution_histogram(tmp_path):

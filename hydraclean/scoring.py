@@ -1,0 +1,142 @@
+"""Label-quality scores from one recorded run: higher = more likely correctly labelled.
+
+Every score is a small pure function of what one fit computes, called with
+keywords (it ignores those it does not use)::
+
+    score(contribution=C, class_contribution=R, labels=y, trajectory_loss=L,
+          trajectory_proba=P) -> (n_samples,)
+
+``C`` is the paper's ``C(i)`` (n_samples,), ``R`` the class-resolved
+``C(i, c)`` (n_samples, n_classes), ``y`` the observed labels as class codes
+``0..n_classes-1``, and ``L`` and ``P`` each sample's training loss and
+softmax output averaged over the epochs, as the training steps computed them
+(the trajectory trace). Rows that were not scored (NaN in ``C``) get NaN; NaN
+columns of ``R`` (classes without validation samples) are skipped.
+
+``docs/benchmarks.md`` ("Choosing the default score") compares these and the
+variants that did not earn a place, on every benchmark setting.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+__all__ = [
+    "SCORES",
+    "class_harm",
+    "class_min",
+    "combined",
+    "contribution",
+    "robust_z",
+    "trajectory_loss",
+    "trajectory_margin",
+]
+
+
+def _quiet(fn, *args, **kwargs):
+    with warnings.catch_warnings():  # all-NaN rows and columns give NaN, as documented
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return fn(*args, **kwargs)
+
+
+#: MAD times this estimates the standard deviation of normal data (1 / Phi^-1(3/4)).
+MAD_TO_SD = 1.482602218505602
+
+
+def robust_z(x: np.ndarray) -> np.ndarray:
+    """``(x - median) / (1.4826 MAD)`` over the finite entries (the standard deviation if MAD is 0).
+
+    Parameters
+    ----------
+    x : ndarray of shape (n,)
+
+    Returns
+    -------
+    z : ndarray of shape (n,)
+        NaN where ``x`` is NaN; all 0 when ``x`` is constant.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    finite = x[np.isfinite(x)]
+    if finite.size == 0:
+        return np.full_like(x, np.nan)
+    med = np.median(finite)
+    scale = MAD_TO_SD * np.median(np.abs(finite - med))
+    if scale == 0:
+        scale = finite.std()
+    return (x - med) / scale if scale > 0 else np.where(np.isnan(x), np.nan, 0.0)
+
+
+def contribution(*, contribution: np.ndarray, **_) -> np.ndarray:
+    """The paper's ``C(i)``: the sample's contribution to the mean validation loss."""
+    return np.asarray(contribution, dtype=np.float64)
+
+
+def class_min(*, class_contribution: np.ndarray, **_) -> np.ndarray:
+    """``min_c C(i, c)``: the contribution to the class the sample hurts most."""
+    return _quiet(np.nanmin, np.asarray(class_contribution, dtype=np.float64), axis=1)
+
+
+def class_harm(*, class_contribution: np.ndarray, **_) -> np.ndarray:
+    """``min_c C(i, c) / s_c``, with ``s_c`` the standard deviation of ``C(., c)`` over the samples.
+
+    As :func:`class_min`, with every class's column in units of its own
+    spread, so that a class with large validation gradients (a hard class)
+    does not decide the minimum for every sample.
+    """
+    R = np.asarray(class_contribution, dtype=np.float64)
+    spread = _quiet(np.nanstd, R, axis=0)
+    return _quiet(np.nanmin, R / np.where(spread > 0, spread, np.nan), axis=1)
+
+
+def _scored_only(values: np.ndarray, contribution: np.ndarray) -> np.ndarray:
+    return np.where(np.isnan(np.asarray(contribution, dtype=np.float64)), np.nan, values)
+
+
+def trajectory_loss(*, trajectory_loss: np.ndarray, contribution: np.ndarray, **_) -> np.ndarray:
+    """Minus the sample's training loss averaged over the run (no hypergradient).
+
+    A mislabelled sample is fitted late, if at all, so its loss stays high
+    for much of the run even when the final model has memorised it.
+    """
+    return _scored_only(-np.asarray(trajectory_loss, dtype=np.float64), contribution)
+
+
+def trajectory_margin(*, trajectory_proba: np.ndarray, labels: np.ndarray, contribution: np.ndarray, **_) -> np.ndarray:
+    """Averaged over the run, the probability of the observed label minus the largest other one.
+
+    No hypergradient: the softmax outputs that the training steps computed,
+    averaged over the epochs (in the spirit of the area under the margin of
+    Pleiss et al., 2020). Negative when the model, on average along the
+    run, preferred another class.
+    """
+    P = np.asarray(trajectory_proba, dtype=np.float64)
+    rows = np.arange(P.shape[0])
+    labels = np.asarray(labels, dtype=np.int64)
+    own = P[rows, labels]
+    others = P.copy()
+    others[rows, labels] = -np.inf
+    return _scored_only(own - others.max(axis=1), contribution)
+
+
+def combined(**arrays) -> np.ndarray:
+    """``robust_z(class_harm) + robust_z(trajectory_loss) + robust_z(trajectory_margin)``.
+
+    How the sample moved the model (the harm it did, through the whole
+    trajectory, to the validation class it hurts most) and how the model
+    treated the sample along the way (its training loss and margin over the
+    run), each put on a common scale by :func:`robust_z` over the scored
+    samples and added with equal weight. The default of ``scoring``.
+    """
+    return sum(robust_z(score(**arrays)) for score in (class_harm, trajectory_loss, trajectory_margin))
+
+
+SCORES = {
+    "contribution": contribution,
+    "class_min": class_min,
+    "class_harm": class_harm,
+    "trajectory_loss": trajectory_loss,
+    "trajectory_margin": trajectory_margin,
+    "combined": combined,
+}

@@ -1,0 +1,122 @@
+"""Label-quality scores and flag decisions against plain loops and scipy."""
+
+import numpy as np
+import pytest
+from scipy.stats import median_abs_deviation
+
+from hydraclean import scoring
+from hydraclean.cleaning import (
+    estimate_issue_count,
+    flag_lowest,
+    flag_sign_clusters,
+    harms_more_than_class_helps,
+    predicted_other_class,
+)
+from hydraclean.contribution import suggest_labels
+
+
+@pytest.fixture
+def arrays():
+    rng = np.random.default_rng(0)
+    n, k = 40, 4
+    proba = rng.dirichlet(np.ones(k), size=n)
+    return {
+        "contribution": rng.normal(size=n),
+        "class_contribution": rng.normal(size=(n, k)) * np.array([1.0, 3.0, 0.5, 2.0]),
+        "labels": np.arange(n) % k,
+        "trajectory_loss": rng.exponential(size=n),
+        "trajectory_proba": proba,
+    }
+
+
+def test_robust_z_matches_scipy_and_handles_nan_and_constants():
+    x = np.random.default_rng(1).normal(size=101) ** 3
+    expected = (x - np.median(x)) / median_abs_deviation(x, scale="normal")
+    np.testing.assert_allclose(scoring.robust_z(x), expected, rtol=1e-12)
+    with_nan = np.r_[x, np.nan]
+    np.testing.assert_allclose(scoring.robust_z(with_nan)[:-1], expected, rtol=1e-12)
+    assert np.isnan(scoring.robust_z(with_nan)[-1])
+    spiky = np.r_[np.zeros(10), 5.0]  # MAD 0: the standard deviation scales it
+    np.testing.assert_allclose(scoring.robust_z(spiky), spiky / spiky.std())
+    assert np.array_equal(scoring.robust_z(np.ones(3)), np.zeros(3))
+
+
+def test_class_scores_against_loops(arrays):
+    R, y = arrays["class_contribution"], arrays["labels"]
+    spread = [np.sqrt(np.mean((R[:, c] - R[:, c].mean()) ** 2)) for c in range(R.shape[1])]
+    for i in range(R.shape[0]):
+        assert scoring.class_min(**arrays)[i] == min(R[i])
+        assert scoring.class_harm(**arrays)[i] == pytest.approx(min(R[i, c] / spread[c] for c in range(R.shape[1])))
+    P = arrays["trajectory_proba"]
+    for i in range(P.shape[0]):
+        best_other = max(P[i, c] for c in range(P.shape[1]) if c != y[i])
+        assert scoring.trajectory_margin(**arrays)[i] == pytest.approx(P[i, y[i]] - best_other)
+    np.testing.assert_array_equal(scoring.trajectory_loss(**arrays), -arrays["trajectory_loss"])
+    np.testing.assert_array_equal(scoring.contribution(**arrays), arrays["contribution"])
+    expected = sum(scoring.robust_z(f(**arrays)) for f in
+                   (scoring.class_harm, scoring.trajectory_loss, scoring.trajectory_margin))
+    np.testing.assert_allclose(scoring.combined(**arrays), expected, rtol=1e-12)
+
+
+def test_unscored_rows_give_nan_and_classes_without_validation_samples_are_skipped(arrays):
+    arrays["contribution"][3] = np.nan
+    arrays["class_contribution"][3] = np.nan
+    arrays["class_contribution"][:, 2] = np.nan  # a class with no validation sample
+    for name, score in scoring.SCORES.items():
+        out = score(**arrays)
+        assert np.isnan(out[3]) and np.isfinite(np.delete(out, 3)).all(), name
+    R = arrays["class_contribution"]
+    assert scoring.class_min(**arrays)[0] == np.nanmin(R[0])
+    # the other rows' z-scores do not see the unscored row
+    keep = np.delete(np.arange(40), 3)
+    sub = {k: v[keep] for k, v in arrays.items()}
+    np.testing.assert_allclose(scoring.combined(**arrays)[keep], scoring.combined(**sub), rtol=1e-12)
+
+
+def test_harms_more_than_class_helps_against_a_loop(arrays):
+    R, y = arrays["class_contribution"], arrays["labels"]
+    R[5] = np.nan
+    flags = harms_more_than_class_helps(R, y)
+    scored = ~np.isnan(R).all(1)
+    for i in range(len(y)):
+        if not scored[i]:
+            assert not flags[i]
+            continue
+        b = int(np.argmin(R[i]))
+        typical = np.median([R[j, b] for j in range(len(y)) if y[j] == b and scored[j]])
+        assert flags[i] == (-R[i, b] > typical)
+
+
+def test_auto_count_is_the_union_of_both_rules(arrays):
+    R, P, y = arrays["class_contribution"], arrays["trajectory_proba"], arrays["labels"]
+    other = predicted_other_class(P, y)
+    assert np.array_equal(other, np.array([np.argmax(P[i]) != y[i] for i in range(len(y))]))
+    union = harms_more_than_class_helps(R, y) | other
+    assert estimate_issue_count(R, P, y) == union.sum()
+    R[other.argmax()] = np.nan  # an unscored sample is never counted
+    assert estimate_issue_count(R, P, y) == union.sum() - 1
+
+
+def test_flag_lowest_by_count_or_fraction():
+    s = np.array([3.0, np.nan, 1.0, 2.0, 1.0, 5.0])
+    assert np.array_equal(flag_lowest(s, count=2), [False, False, True, False, True, False])
+    assert np.array_equal(flag_lowest(s, fraction=0.4), flag_lowest(s, count=2))
+    assert flag_lowest(s, count=99).sum() == 5  # never the unscored one
+
+
+def test_sign_clusters_flag_the_group_with_the_lower_score_in_each_class():
+    # class 0: rows 0-3 help every feature, rows 4-5 hurt every feature; class 1 likewise, reversed
+    M = np.array([[1.0] * 6] * 4 + [[-1.0] * 6] * 2 + [[-1.0] * 6] * 4 + [[1.0] * 6] * 2)
+    labels = np.repeat([0, 1], 6)
+    scores = np.r_[np.full(4, 1.0), np.full(2, -1.0), np.full(4, 0.5), np.full(2, -2.0)]
+    flags = flag_sign_clusters(M, labels, scores)
+    assert np.array_equal(flags, np.r_[[False] * 4, [True] * 2, [False] * 4, [True] * 2])
+    # with the scores reversed, the other group of each class is flagged
+    assert np.array_equal(flag_sign_clusters(M, labels, -scores), ~flags)
+
+
+def test_suggested_labels_in_the_users_label_space():
+    R = np.array([[0.1, -0.5, 0.2], [np.nan, np.nan, np.nan], [-0.3, np.nan, 0.1]])
+    classes = np.array(["cat", "dog", "eel"])
+    out = suggest_labels(R, classes, np.array(["cat", "eel", "eel"]))
+    assert out.tolist() == ["dog", "eel", "cat"]  # the unscored row keeps its given label
