@@ -36,9 +36,11 @@ from hydraclean.gradients import (
     directional_derivatives,
     hessian_vector_products,
     parameter_dict,
+    per_sample_gradients,
     validation_gradients,
 )
-from hydraclean.training import plan_trajectory, run_sgd, step_rng, train
+from hydraclean.hypergradient import replay_coefficients
+from hydraclean.training import plan_trajectory, replay, run_sgd, step_rng, train
 
 CE = nn.CrossEntropyLoss(reduction="none")
 
@@ -67,14 +69,15 @@ class Training:
                     weight_decay=self.weight_decay, lr_schedule=self.schedule())
 
 
-def init_module(make_module: Callable[[], nn.Module], seed: int) -> nn.Module:
+def init_module(make_module: Callable[[], nn.Module], seed: int, device: torch.device | str = "cpu") -> nn.Module:
+    """``make_module()`` initialised under ``seed`` (on the CPU, so that every device starts alike)."""
     with step_rng(seed, torch.device("cpu")):
-        return make_module()
+        return make_module().to(device)
 
 
 def train_with_checkpoints(make_module, X: torch.Tensor, y: torch.Tensor, recipe: Training, seed: int):
     """Plain training; returns the final model and the per-epoch checkpoints (state dicts)."""
-    model = init_module(make_module, seed)
+    model = init_module(make_module, seed, X.device)
     traj = recipe.plan(len(y), seed)
     checkpoints = []
     run_sgd(model, X, y, CE, traj,
@@ -87,16 +90,16 @@ def train_with_checkpoints(make_module, X: torch.Tensor, y: torch.Tensor, recipe
 @torch.no_grad()
 def predict_proba(model: nn.Module, X: torch.Tensor, batch_size: int = 1024) -> np.ndarray:
     model.eval()
-    return torch.cat([model(X[s : s + batch_size]).softmax(1) for s in range(0, len(X), batch_size)]).double().numpy()
+    return torch.cat([model(X[s : s + batch_size]).softmax(1) for s in range(0, len(X), batch_size)]).double().cpu().numpy()
 
 
 def out_of_sample_probabilities(make_module, X, y, recipe: Training, seed: int, n_splits: int = 5) -> np.ndarray:
     """K-fold out-of-sample predicted probabilities, shape (n, n_classes)."""
     probs = np.zeros((len(y), int(y.max()) + 1))
-    folds = StratifiedKFold(n_splits, shuffle=True, random_state=seed).split(np.zeros(len(y)), y.numpy())
+    folds = StratifiedKFold(n_splits, shuffle=True, random_state=seed).split(np.zeros(len(y)), y.cpu().numpy())
     for k, (tr, te) in enumerate(folds):
-        model = init_module(make_module, seed + k)
-        model, _ = train(model, X[tr], y[tr], CE, recipe.plan(len(tr), seed + k))
+        model = init_module(make_module, seed + k, X.device)
+        model, _, _ = train(model, X[tr], y[tr], CE, recipe.plan(len(tr), seed + k))
         probs[te] = predict_proba(model, X[te])
     return probs
 
@@ -107,7 +110,7 @@ def cleanlab_scores(make_module, X, y, recipe: Training, seed: int) -> tuple[np.
     from cleanlab.rank import get_label_quality_scores
 
     probs = out_of_sample_probabilities(make_module, X, y, recipe, seed)
-    labels = y.numpy()
+    labels = y.cpu().numpy()
     return get_label_quality_scores(labels, probs), find_label_issues(labels, probs)
 
 
@@ -118,13 +121,13 @@ def per_sample_dot(model: nn.Module, X: torch.Tensor, y: torch.Tensor, direction
     params = parameter_dict(model)
     out = [directional_derivatives(loss, params, X[s : s + batch_size], y[s : s + batch_size], direction[None])[:, 0]
            for s in range(0, len(y), batch_size)]
-    return torch.cat(out).double().numpy()
+    return torch.cat(out).double().cpu().numpy()
 
 
 def training_loss_scores(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> np.ndarray:
     """Minus each sample's loss at the final weights (high loss = suspicious)."""
     with torch.no_grad():
-        return -torch.cat([CE(model(X[s : s + 1024]), y[s : s + 1024]) for s in range(0, len(y), 1024)]).double().numpy()
+        return -torch.cat([CE(model(X[s : s + 1024]), y[s : s + 1024]) for s in range(0, len(y), 1024)]).double().cpu().numpy()
 
 
 def lissa(loss: PerSampleLoss, params, X: torch.Tensor, y: torch.Tensor, v: torch.Tensor, *, damping: float = 0.01,
@@ -142,7 +145,7 @@ def lissa(loss: PerSampleLoss, params, X: torch.Tensor, y: torch.Tensor, v: torc
     h = vs.clone()
     full = batch_size >= len(y)
     for _ in range(depth):
-        idx = torch.arange(len(y)) if full else torch.randint(len(y), (batch_size,), generator=g)
+        idx = (torch.arange(len(y)) if full else torch.randint(len(y), (batch_size,), generator=g)).to(X.device)
         Hh = hessian_vector_products(loss, params, X[idx], y[idx], h, chunk_size=64)
         h = vs + (1.0 - damping) * h - Hh / scale
     return (h / scale).reshape(v.shape)
@@ -161,6 +164,7 @@ def hessian_extremes(loss: PerSampleLoss, params, X, y, *, batch_size=64, n_batc
     lam_max, lam_min = 0.0, 0.0
     for _ in range(n_batches if batch_size < len(y) else 1):
         idx = torch.arange(len(y)) if batch_size >= len(y) else torch.randint(len(y), (batch_size,), generator=g)
+        idx = idx.to(X.device)
         ends = []
         for shift in (0.0, None):
             shift = ends[0] if shift is None else shift
@@ -213,7 +217,7 @@ def influence_scores(model: nn.Module, X, y, X_val, y_val, *, damping=0.01, scal
 
 def tracin_scores(make_module, checkpoints, lrs, X, y, X_val, y_val) -> np.ndarray:
     """TracInCP against the mean validation loss: ``sum_k eta_k <grad L_val(w_k), grad l_i(w_k)>``."""
-    model = make_module()
+    model = make_module().to(X.device)
     total = np.zeros(len(y))
     for state, eta in zip(checkpoints, lrs):
         model.load_state_dict(state)
@@ -221,3 +225,36 @@ def tracin_scores(make_module, checkpoints, lrs, X, y, X_val, y_val) -> np.ndarr
         total += eta * per_sample_dot(model, X, y, g_val)
     return total
 
+
+
+def replay_statistics(cleaner) -> tuple[np.ndarray, np.ndarray]:
+    """Self-influence and the c_t-weighted training loss along a fitted cleaner's recorded run.
+
+    ``self_influence[i] = sum_t c_t (N / b_t) ||grad l_i(w_{t-1})||^2`` over the
+    steps that trained on sample i: the Hessian-free first-order effect of
+    up-weighting i on its own loss, accumulated over the trajectory (TracIn's
+    self-influence with HYDRA's coefficients). ``c_t < 0``, so the most
+    self-influential samples score lowest. ``weighted_loss[i] = sum_t c_t (N /
+    b_t) l_i(w_{t-1})``: the training loss along the run with the same weights.
+    Both have shape (n_samples,), NaN for validation rows.
+    """
+    traj = cleaner.trajectory_
+    X, y = (t.to(cleaner.device_) for t in cleaner._train_data)
+    loss = PerSampleLoss(cleaner.module_, cleaner._criterion)
+    weights = replay_coefficients(traj.lrs, traj.momentum, traj.weight_decay) * traj.n_samples / traj.batch_sizes()
+    influence = torch.zeros(traj.n_samples, dtype=torch.float64, device=X.device)
+    weighted = torch.zeros_like(influence)
+
+    def on_step(model, t, idx, xb, yb):
+        params = parameter_dict(model)
+        with step_rng(traj.seeds[t], X.device):
+            g = per_sample_gradients(loss, params, xb, yb)
+        with step_rng(traj.seeds[t], X.device), torch.no_grad():
+            losses = loss(params, xb, yb)
+        influence.index_add_(0, idx, (g * g).sum(1).double(), alpha=float(weights[t]))
+        weighted.index_add_(0, idx, losses.double(), alpha=float(weights[t]))
+
+    replay(traj, cleaner.module_, X, y, cleaner._criterion, on_step)
+    out = np.full((2, cleaner.validation_mask_.size), np.nan)
+    out[:, ~cleaner.validation_mask_] = torch.stack([influence, weighted]).cpu().numpy()
+    return out[0], out[1]

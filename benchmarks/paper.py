@@ -33,7 +33,7 @@ from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from methods import CE, influence_scores, lissa, safe_lissa_settings  # noqa: E402
-from suite import ensure_fashion_mnist  # noqa: E402
+from settings import ensure_fashion_mnist  # noqa: E402
 
 from hydraclean import HydraLabelCleaner  # noqa: E402
 from hydraclean.cleaning import flag_sign_clusters  # noqa: E402
@@ -79,7 +79,8 @@ def table4(n_train, epochs, smoke, log):
     rows = {}
     for m in (100, 1000):
         t0 = time.perf_counter()
-        c = HydraLabelCleaner(LeNet5, strategy="cluster", n_val_features=m, random_state=0, **recipe)
+        c = HydraLabelCleaner(LeNet5, strategy="cluster", scoring="contribution", n_val_features=m, random_state=0,
+                              **recipe)
         c.fit(X, y_noisy, X_val=Xv, y_val=yv)
         rows[f"HYDRA, {m} features"] = (*class_jaccard(noise, c.label_issues_, y_noisy), time.perf_counter() - t0)
         log(f"  table 4, HYDRA {m}: {rows[f'HYDRA, {m} features']}")
@@ -139,7 +140,7 @@ def figures_3_5(n_train, n_tracked, epochs, smoke, log):
             measure(model)
         on_step(model, t, idx, xb, yb)
 
-    model, _ = train(module, Xt, yt, CE, traj, on_step=wrapped)
+    model, _, _ = train(module, Xt, yt, CE, traj, on_step=wrapped)
     measure(model)
     return curves
 
@@ -162,8 +163,8 @@ def figure_2(n_train, epochs, path, log):
     from hydraclean.plotting import plot_inter_class
 
     X, y, Xv, yv = data(n_train, 1000, seed=2)
-    c = HydraLabelCleaner(LeNet5, strategy="cluster", n_val_features=1000, max_epochs=epochs, batch_size=64, lr=0.01,
-                          random_state=0).fit(X, y, X_val=Xv, y_val=yv)
+    c = HydraLabelCleaner(LeNet5, strategy="cluster", scoring="contribution", n_val_features=1000, max_epochs=epochs,
+                          batch_size=64, lr=0.01, random_state=0).fit(X, y, X_val=Xv, y_val=yv)
     heat = inter_class_contribution(c.contribution_matrix_, y, yv[c.val_feature_indices_])
     plot_inter_class(heat, FASHION_MNIST_CLASSES, title="Fashion-MNIST, clean labels").savefig(path, dpi=110)
     log(f"  figure 2 written; diagonal share {np.abs(np.diag(heat)).sum() / np.abs(heat).sum():.2f}")

@@ -1,19 +1,22 @@
 """HYDRA against its peers on the same data, model, training recipe and seeds, in one process.
 
-For each symmetric noise rate: HYDRA (drop, cluster), cleanlab (5-fold
-out-of-sample probabilities of the same model and loop), ranking by final
-training loss, influence functions (LiSSA) and TracInCP. Reports AUROC of the
-scores against the noise mask, precision at k = number of flips, F1 and Jaccard
-of each method's flags (ranking methods flag their k lowest), wall time and peak
-memory as ratios to one plain training run measured in the same process, and
-the test accuracy of the same model retrained from scratch on the kept samples
-with their noisy labels for the same number of steps (mean ± sd over seeds).
-At noise 0.8 (paper Table 3) it also retrains with the kept samples' true
-labels, the protocol of the original HYDRA code, labelled as such.
+For each setting of benchmarks/settings.py: HydraLabelCleaner with its
+defaults (``scoring="harm_and_loss"``, ``drop_fraction="auto"``); the paper's
+C(i) from the same fit, flagging its k lowest (k = the true number of flips);
+the cluster strategy; cleanlab (5-fold out-of-sample probabilities of the same
+model and loop; its own ``find_label_issues`` flags); ranking by the final
+training loss; influence functions (LiSSA) and TracInCP. Reports AUROC against
+the noise mask, precision at k, F1 and Jaccard of each method's flags (ranking
+methods flag their k lowest), wall time and peak memory as ratios to one plain
+training run measured in the same process, and the test accuracy of the same
+model retrained from scratch on the kept samples with their noisy labels for
+the same number of steps (mean ± sd over seeds). It also scores every variant
+of benchmarks/score_ablation.py on the same runs.
 
-    python benchmarks/suite.py --setting digits  [--noise 0.2 0.4 0.8] [--seeds 3]
-    python benchmarks/suite.py --setting fashion [--n-train 10000]
-    python benchmarks/suite.py --smoke      # every method at tiny size (make bench-smoke)
+    python benchmarks/suite.py --dataset digits          # every digits setting
+    python benchmarks/suite.py --settings fashion-pairs  # one setting
+    python benchmarks/suite.py --dataset fashion --device cuda
+    python benchmarks/suite.py --smoke                   # every method and setting kind at tiny size
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import time
 import warnings
@@ -30,7 +32,6 @@ from pathlib import Path
 import numpy as np
 import sklearn
 import torch
-from sklearn.model_selection import train_test_split
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import Meter  # noqa: E402
@@ -39,54 +40,40 @@ from methods import (  # noqa: E402
     cleanlab_scores,
     influence_scores,
     init_module,
+    replay_statistics,
     tracin_scores,
     train_with_checkpoints,
     training_loss_scores,
 )
+from score_ablation import evaluate  # noqa: E402
+from settings import SETTINGS, load_data  # noqa: E402
 
 from hydraclean import HydraLabelCleaner  # noqa: E402
-from hydraclean.datasets import load_digits_images, load_fashion_mnist, make_label_noise  # noqa: E402
 from hydraclean.evaluation import detection_metrics, retrain_accuracy  # noqa: E402
-from hydraclean.models import LeNet5, SmallCNN  # noqa: E402
+
+N_CLUSTER_FEATURES = 500
+DEFAULT = "HYDRA default"
+PAPER = "HYDRA C(i), paper"
 
 
-def ensure_fashion_mnist() -> None:
-    try:
-        load_fashion_mnist(split="test")
-    except FileNotFoundError:
-        print("Fashion-MNIST is missing: installing Debian's dataset-fashion-mnist", file=sys.stderr)
-        subprocess.run("apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist", shell=True, check=True)
+PEERS = ("cleanlab", "training loss", "influence (LiSSA)", "TracInCP")
 
 
-def load_setting(name: str, n_train: int, smoke: bool, seed: int = 0):
-    """(make_module, recipe, X_train, y_train, X_val, y_val, X_test, y_test) with clean labels."""
-    if name == "digits":
-        X, y = load_digits_images()
-        X_rest, X_test, y_rest, y_test = train_test_split(X, y, test_size=0.2, stratify=y, random_state=seed)
-        X_tr, X_val, y_tr, y_val = train_test_split(X_rest, y_rest, test_size=200, stratify=y_rest, random_state=seed)
-        if smoke:
-            X_tr, y_tr = X_tr[:300], y_tr[:300]
-        recipe = Training(max_epochs=2 if smoke else 15, batch_size=32, lr=0.1, decay=0.8)
-        return SmallCNN, recipe, X_tr, y_tr, X_val, y_val, X_test, y_test
-    ensure_fashion_mnist()
-    X, y = load_fashion_mnist(split="train")
-    X_te, y_te = load_fashion_mnist(split="test")
-    rng = np.random.RandomState(seed)
-    tr = rng.permutation(len(y))[: (500 if smoke else n_train)]
-    order = rng.permutation(len(y_te))
-    val, test = order[:1000], order[1000:]  # trusted validation from the test split; the rest tests
-    recipe = Training(max_epochs=2 if smoke else 20, batch_size=64, lr=0.01)
-    return LeNet5, recipe, X[tr], y[tr], X_te[val], y_te[val], X_te[test], y_te[test]
+def run_setting(name: str, device: torch.device, seeds: int, smoke: bool, log, peers: dict | None = None):
+    """One setting: (results for the JSON, the arrays every ablation variant is computed from).
 
-
-def run_rate(make_module, recipe: Training, data, rate: float, seeds: int, smoke: bool, log) -> dict:
-    X_tr, y_clean, X_val, y_val, X_test, y_test = data
-    y_noisy, noise = make_label_noise(y_clean, rate, random_state=0)
+    With ``peers`` (this setting's results from an earlier run of the same
+    command), the peer methods are not run again: their rows are copied.
+    """
+    setting = SETTINGS[name]
+    make_module, recipe, X_tr, y_clean, X_val, y_val, X_test, y_test = load_data(setting, smoke)
+    y_noisy, noise = setting.make_noise(y_clean)
     k = int(noise.sum())
-    Xt, yt = torch.as_tensor(X_tr), torch.as_tensor(y_noisy)
-    Xv, yv = torch.as_tensor(X_val), torch.as_tensor(y_val)
+    Xt, yt = torch.as_tensor(X_tr, device=device), torch.as_tensor(y_noisy, device=device)
+    Xv, yv = torch.as_tensor(X_val, device=device), torch.as_tensor(y_val, device=device)
     n_steps = recipe.max_epochs * -(-len(y_noisy) // recipe.batch_size)
     rows: dict[str, dict] = {}
+    log(f"{name}: {k} of {len(y_noisy)} labels flipped")
 
     # one untimed epoch first, so that torch's one-off start-up costs do not land on the baseline
     train_with_checkpoints(make_module, Xt, yt, Training(1, recipe.batch_size, recipe.lr), seed=0)
@@ -95,118 +82,141 @@ def run_rate(make_module, recipe: Training, data, rate: float, seeds: int, smoke
     base = {"seconds": plain.seconds, "peak_mib": plain.peak}
     log(f"  plain training {plain.seconds:.1f} s")
 
-    def record(name, meter, scores, flags=None, extra_seconds=0.0):
+    def record(method, meter, scores, flags=None, extra_seconds=0.0):
         if flags is None:  # ranking methods flag their k lowest
             flags = np.zeros(len(scores), bool)
             flags[np.argsort(scores, kind="stable")[:k]] = True
         m = detection_metrics(noise, scores, flags)
         seconds = meter.seconds + extra_seconds
-        rows[name] = {**m, "seconds": seconds, "time_ratio": seconds / plain.seconds, "peak_mib": meter.peak,
-                      "memory_ratio": meter.peak / max(plain.peak, 1.0), "flags": flags}
-        log(f"  {name:16s} AUROC {m['auroc']:.3f} P@k {m['precision_at_k']:.3f} F1 {m['f1']:.3f} "
-            f"({seconds:.1f} s, {seconds / plain.seconds:.1f}x)")
+        rows[method] = {**m, "seconds": seconds, "time_ratio": seconds / plain.seconds, "peak_mib": meter.peak,
+                        "memory_ratio": meter.peak / max(plain.peak, 1.0), "flags": flags}
+        log(f"  {method:18s} AUROC {m['auroc']:.3f} P@k {m['precision_at_k']:.3f} F1 {m['f1']:.3f} "
+            f"flagged {m['n_flagged']} ({seconds:.1f} s, {seconds / plain.seconds:.1f}x)")
 
-    for strategy in ("drop", "cluster"):
-        cleaner = HydraLabelCleaner(init_module(make_module, 0), strategy=strategy, drop_fraction=k / len(y_noisy),
-                                    n_val_features=min(1000, len(y_val)), random_state=0, **recipe.as_params())
+    def cleaner(**params):
+        return HydraLabelCleaner(init_module(make_module, 0), random_state=0, device=device,
+                                 **recipe.as_params(), **params)
+
+    with Meter() as m:
+        default = cleaner().fit(X_tr, y_noisy, X_val=X_val, y_val=y_val)
+    record(DEFAULT, m, default.label_quality_, default.label_issues_)
+    record(PAPER, m, default.contribution_)
+    with Meter() as m:
+        clustered = cleaner(strategy="cluster", n_val_features=min(N_CLUSTER_FEATURES, len(y_val))).fit(
+            X_tr, y_noisy, X_val=X_val, y_val=y_val)
+    record("HYDRA cluster", m, clustered.label_quality_, clustered.label_issues_)
+    with Meter() as m:
+        final_loss = training_loss_scores(model, Xt, yt)
+    if peers is None:
+        record("training loss", m, final_loss, extra_seconds=plain.seconds)
         with Meter() as m:
-            cleaner.fit(X_tr, y_noisy, X_val=X_val, y_val=y_val)
-        record(f"HYDRA {strategy}", m, cleaner.contribution_, cleaner.label_issues_)
-    with Meter() as m:
-        scores, flags = cleanlab_scores(make_module, Xt, yt, recipe, seed=0)
-    record("cleanlab", m, scores, flags)
-    with Meter() as m:
-        scores = training_loss_scores(model, Xt, yt)
-    record("training loss", m, scores, extra_seconds=plain.seconds)
-    with Meter() as m:
-        scores = influence_scores(model, Xt, yt, Xv, yv, depth=20 if smoke else 1000, seed=0)
-    record("influence (LiSSA)", m, scores, extra_seconds=plain.seconds)
-    with Meter() as m:
-        scores = tracin_scores(make_module, checkpoints, lrs, Xt, yt, Xv, yv)
-    record("TracInCP", m, scores, extra_seconds=plain.seconds)
+            scores, flags = cleanlab_scores(make_module, Xt, yt, recipe, seed=0)
+        record("cleanlab", m, scores, flags)
+        with Meter() as m:
+            scores = influence_scores(model, Xt, yt, Xv, yv, depth=20 if smoke else 1000, seed=0)
+        record("influence (LiSSA)", m, scores, extra_seconds=plain.seconds)
+        with Meter() as m:
+            scores = tracin_scores(make_module, checkpoints, lrs, Xt, yt, Xv, yv)
+        record("TracInCP", m, scores, extra_seconds=plain.seconds)
+
+    self_influence, weighted_loss = replay_statistics(default)
+    arrays = {
+        "contribution": default.contribution_, "class_contribution": default.class_contribution_,
+        "labels": np.searchsorted(default.classes_, y_noisy), "trajectory_loss": default.trajectory_loss_,
+        "trajectory_proba": default.trajectory_proba_, "contribution_matrix": clustered.contribution_matrix_,
+        "feature_labels": np.searchsorted(clustered.classes_, y_val[clustered.val_feature_indices_]),
+        "final_loss": -final_loss, "self_influence": self_influence, "weighted_trajectory_loss": weighted_loss,
+    }
+    ablation = evaluate(arrays, noise)
+    suggested = default.suggested_label_[noise]
+    ablation["suggested_is_true_label"] = float((suggested == y_clean[noise]).mean())
+    ablation["train_accuracy"] = default.history_["train_accuracy"][-1]
 
     def accuracy(keep, labels):
         accs = [retrain_accuracy(make_module, X_tr[keep], labels[keep], X_test, y_test, n_steps=n_steps,
                                  batch_size=recipe.batch_size, lr=recipe.lr, momentum=recipe.momentum,
-                                 total_decay=recipe.decay ** recipe.max_epochs, seed=s)
+                                 total_decay=recipe.decay ** recipe.max_epochs, seed=s, device=device)
                 for s in range(seeds)]
         return float(np.mean(accs)), float(np.std(accs))
 
     everyone = np.ones(len(y_noisy), bool)
     rows["no cleaning"] = {"retrain": accuracy(everyone, y_noisy)}
     rows["oracle (drop the flipped)"] = {"retrain": accuracy(~noise, y_noisy)}
-    for name in [r for r in rows if "flags" in rows[r]]:
-        rows[name]["retrain"] = accuracy(~rows[name]["flags"], y_noisy)
-        if rate >= 0.8 and name in ("HYDRA drop", "influence (LiSSA)"):
-            # paper Table 3's methods: the original code retrained with the true labels
-            rows[name]["retrain_true_labels"] = accuracy(~rows[name]["flags"], y_clean)
-    if rate >= 0.8:
-        rows["no cleaning"]["retrain_true_labels"] = accuracy(everyone, y_clean)
+    for method in [r for r in rows if "flags" in rows[r]]:
+        rows[method]["retrain"] = accuracy(~rows[method]["flags"], y_noisy)
     for r in rows.values():
         r.pop("flags", None)
-    summary = ", ".join(f"{n}: {r['retrain'][0]:.3f}" for n, r in rows.items())
-    log(f"  retraining done ({summary})")
-    return {"rate": rate, "n_flipped": k, "n_train": len(y_noisy), "plain": base, "methods": rows}
+    if peers is not None:
+        rows.update({p: peers["methods"][p] for p in PEERS})
+    log("  retraining done (" + ", ".join(f"{n}: {r['retrain'][0]:.3f}" for n, r in rows.items()) + ")")
+    arrays.pop("contribution_matrix")  # large; the rest lets a later choice be re-evaluated offline
+    arrays.update(noise=noise, y_clean=y_clean)
+    return {"setting": name, "title": setting.title, "n_flipped": k, "n_train": len(y_noisy),
+            "n_val": len(y_val), "n_test": len(y_test), "model": getattr(make_module, "__name__", "MLP"),
+            "recipe": recipe.__dict__, "plain": base, "methods": rows, "ablation": ablation,
+            "peers_from_earlier_run": peers is not None}, arrays
 
 
 def markdown(results: list[dict], header: str) -> str:
     cols = ["method", "AUROC", "P@k", "flagged", "F1", "Jaccard", "retrain acc (noisy labels)", "time s",
-            "time x plain", "peak MiB", "memory x plain"]
+            "time x plain", "peak MiB"]
     out = [header]
     for res in results:
-        true_label = any("retrain_true_labels" in r for r in res["methods"].values())
-        c = cols + (["retrain acc (true labels, original code's protocol)"] if true_label else [])
-        out += ["", f"**Symmetric noise {res['rate']}** ({res['n_flipped']} of {res['n_train']} labels flipped; "
-                f"plain training {res['plain']['seconds']:.1f} s, peak +{res['plain']['peak_mib']:.0f} MiB)", "",
-                "| " + " | ".join(c) + " |", "|" + "---|" * len(c)]
+        r0 = res["recipe"]
+        decay = f" x {r0['decay']}/epoch" if r0["decay"] < 1 else ""
+        out += ["", f"**{res['title']}** ({res['n_flipped']} of {res['n_train']} labels flipped; {res['model']}, "
+                f"{r0['max_epochs']} epochs, batch {r0['batch_size']}, lr {r0['lr']}{decay}; "
+                f"final training accuracy {res['ablation']['train_accuracy']:.3f}; "
+                f"plain training {res['plain']['seconds']:.1f} s)", "",
+                "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for name, r in res["methods"].items():
             acc = f"{r['retrain'][0]:.3f} ± {r['retrain'][1]:.3f}"
             cells = [name] + ([f"{r['auroc']:.3f}", f"{r['precision_at_k']:.3f}", str(r["n_flagged"]), f"{r['f1']:.3f}",
                                f"{r['jaccard']:.3f}", acc, f"{r['seconds']:.1f}", f"{r['time_ratio']:.2f}",
-                               f"{r['peak_mib']:.0f}", f"{r['memory_ratio']:.2f}"] if "auroc" in r
-                              else ["", "", "", "", "", acc, "", "", "", ""])
-            if true_label:
-                t = r.get("retrain_true_labels")
-                cells.append(f"{t[0]:.3f} ± {t[1]:.3f}" if t else "")
+                               f"{r['peak_mib']:.0f}"] if "auroc" in r else ["", "", "", "", "", acc, "", "", ""])
             out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--setting", choices=["digits", "fashion"], default="digits")
-    parser.add_argument("--noise", type=float, nargs="+", default=[0.2, 0.4, 0.8])
+    parser.add_argument("--dataset", choices=["digits", "fashion", "tabular"])
+    parser.add_argument("--settings", nargs="+", default=[], choices=sorted(SETTINGS))
     parser.add_argument("--seeds", type=int, default=3, help="retraining seeds")
-    parser.add_argument("--n-train", type=int, default=10_000, help="Fashion-MNIST training subset")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--smoke", action="store_true", help="every method at tiny size")
-    parser.add_argument("--out", help="markdown output (a .json with every number is written beside it)")
+    parser.add_argument("--out", help="markdown output (a .json with every number, and the arrays as .npz, beside it)")
+    parser.add_argument("--peers-from", help="a JSON of an earlier run: copy the peers' rows instead of running them")
     args = parser.parse_args()
+    names = args.settings or [n for n in SETTINGS if n.startswith(args.dataset or "")]
     if args.smoke:
-        args.noise, args.seeds = [0.2], 1
-    torch.set_num_threads(2)
+        args.seeds = 1
+        names = args.settings or ["digits-sym-0.2", "digits-pairs", "digits-cc", "digits-memorise", "fashion-pairs"]
+    torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore", UserWarning)
-    make_module, recipe, X_tr, y_tr, X_val, y_val, X_test, y_test = load_setting(args.setting, args.n_train, args.smoke)
+    device = torch.device(args.device)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     t0 = time.perf_counter()
-    results = []
-    for rate in args.noise:
-        log(f"{args.setting}, noise {rate}")
-        results.append(run_rate(make_module, recipe, (X_tr, y_tr, X_val, y_val, X_test, y_test), rate, args.seeds,
-                                args.smoke, log))
+    earlier = {r["setting"]: r for r in json.loads(Path(args.peers_from).read_text())} if args.peers_from else {}
+    runs = [run_setting(n, device, args.seeds, args.smoke, log, earlier.get(n)) for n in names]
+    results = [r for r, _ in runs]
     total = time.perf_counter() - t0
     import cleanlab
 
+    machine = (f"{torch.cuda.get_device_name(device)} (CUDA), " if device.type == "cuda" else "") + (
+        f"{platform.machine()}, {torch.get_num_threads()} torch threads")
     header = (
-        f"Command: `python benchmarks/suite.py --setting {args.setting} --noise {' '.join(map(str, args.noise))} "
-        f"--seeds {args.seeds}{' --smoke' if args.smoke else ''}`. Data: {len(y_tr)} training samples, "
-        f"{len(y_val)} trusted validation samples, {len(y_test)} test samples; model {make_module.__name__}; "
-        f"SGD {recipe.max_epochs} epochs, batch {recipe.batch_size}, lr {recipe.lr}"
-        f"{f' x {recipe.decay}/epoch' if recipe.decay < 1 else ''}, momentum {recipe.momentum}; noise and model "
-        f"seed 0, retraining seeds 0..{args.seeds - 1}. Machine: {platform.machine()}, "
-        f"{torch.get_num_threads()} torch threads, Python {platform.python_version()}, torch {torch.__version__}, "
+        f"Command: `python benchmarks/suite.py {'--settings ' + ' '.join(names) if args.settings else '--dataset ' + str(args.dataset)}"
+        f" --seeds {args.seeds}{' --device ' + args.device if args.device != 'cpu' else ''}"
+        f"{' --smoke' if args.smoke else ''}`. Noise and model seed 0, retraining seeds 0..{args.seeds - 1}. "
+        f"Machine: {machine}, Python {platform.python_version()}, torch {torch.__version__}, "
         f"scikit-learn {sklearn.__version__}, cleanlab {cleanlab.__version__}. Whole run: {total / 60:.1f} min. "
         "Times and peak memory above the starting point are also given as ratios to one plain training run "
-        "measured in the same process; training loss, influence functions and TracInCP include that training run."
+        f"measured in the same process; training loss, influence functions and TracInCP include that run. "
+        f"\"{PAPER}\" is the same fit as \"{DEFAULT}\", ranked by `contribution_`."
+        + (f" The peers' rows ({', '.join(PEERS)}) are copied from an earlier run of the same command "
+           f"(`--peers-from {Path(args.peers_from).name}`)." if args.peers_from else "")
     )
     text = markdown(results, header)
     print(text)
@@ -214,6 +224,8 @@ def main() -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
         Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=1))
+        np.savez_compressed(Path(args.out).with_suffix(".npz"),
+                            **{f"{r['setting']}/{k}": v for r, a in runs for k, v in a.items()})
 
 
 if __name__ == "__main__":

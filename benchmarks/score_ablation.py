@@ -1,0 +1,257 @@
+"""Every label-quality score and flag-count rule tried for ``HydraLabelCleaner``'s defaults.
+
+Each variant is a function of the arrays of one benchmark setting (one run of
+``benchmarks/suite.py``): ``C(i)``, ``C(i, c)``, ``C(i, j)`` over validation
+features, the trajectory trace (each sample's mean training loss and softmax),
+the final training loss and self-influence along the run. The suite evaluates
+all of them on every setting and stores the results in its JSON; this script
+turns those into the ablation table of docs/benchmarks.md:
+
+    python benchmarks/score_ablation.py --dir docs/_generated --out docs/_generated/score_ablation.md
+
+Variants in ``hydraclean.scoring.SCORES`` ship with the package; the rest
+were tried and did not earn a place. The default is chosen on the selection
+settings together (mean AUROC, then the worst setting); the held-out tabular
+settings did not take part in the choice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import rankdata
+from sklearn.metrics import f1_score
+from sklearn.mixture import GaussianMixture
+
+from hydraclean.cleaning import flag_lowest, harms_more_than_class_helps, predicted_other_class
+from hydraclean.scoring import SCORES, class_harm, robust_z
+
+DEFAULT_SCORE = "combined"
+DEFAULT_COUNT = "count of A or P, lowest scores"
+
+
+def _own(R, y):
+    return R[np.arange(len(y)), y]
+
+
+def _others(R, y):
+    out = R.astype(np.float64).copy()
+    out[np.arange(len(y)), y] = np.nan
+    return out
+
+
+def _proba(a):
+    P = a["trajectory_proba"]
+    return P / P.sum(1, keepdims=True)
+
+
+def _margin(a):
+    P, y = _proba(a), a["labels"]
+    return _own(P, y) - np.nanmax(_others(P, y), axis=1)
+
+
+def _by_label_z(R, y):
+    Z = np.full_like(R, np.nan, dtype=np.float64)
+    for c in np.unique(y):
+        rows = y == c
+        med = np.median(R[rows], 0)
+        Z[rows] = (R[rows] - med) / (1.4826 * np.median(np.abs(R[rows] - med), 0))
+    return Z
+
+
+def _topk(a, k):
+    M = a["contribution_matrix"]
+    idx = np.argpartition(-np.abs(M), k, axis=1)[:, :k]
+    return M, idx
+
+
+def _knn_helped(a, k):
+    M, idx = _topk(a, k)
+    return (np.take_along_axis(M, idx, 1) > 0).mean(1)
+
+
+def _knn_label(a, k):
+    _, idx = _topk(a, k)
+    return (a["feature_labels"][idx] == a["labels"][:, None]).mean(1)
+
+
+def _knn_mix(a, k):
+    M, idx = _topk(a, k)
+    v = np.take_along_axis(M, idx, 1)
+    same = a["feature_labels"][idx] == a["labels"][:, None]
+    return (np.sign(v) * np.where(same, 1, -1)).mean(1) + (v > 0).mean(1)
+
+
+def _library(name):
+    return lambda a: SCORES[name](**a)
+
+
+def _loss(a):
+    return SCORES["trajectory_loss"](**a)
+
+
+R_ = "class_contribution"
+VARIANTS = {
+    # shipped in hydraclean.scoring
+    **{name: _library(name) for name in SCORES},
+    # class-resolved forms
+    "own class C(i, y_i)": lambda a: _own(a[R_], a["labels"]),
+    "own class + worst other": lambda a: _own(a[R_], a["labels"]) + np.nanmin(_others(a[R_], a["labels"]), 1),
+    "worst class - own class": lambda a: np.min(a[R_], 1) - _own(a[R_], a["labels"]),
+    "own class / row norm": lambda a: _own(a[R_], a["labels"]) / np.linalg.norm(a[R_], axis=1),
+    "class_min / row norm": lambda a: np.min(a[R_], 1) / np.linalg.norm(a[R_], axis=1),
+    "C(i) / row norm": lambda a: a["contribution"] / np.linalg.norm(a[R_], axis=1),
+    "minus row norm": lambda a: -np.linalg.norm(a[R_], axis=1),
+    "class_min, z within observed label": lambda a: np.min(_by_label_z(a[R_], a["labels"]), 1),
+    "own class, z within observed label": lambda a: _own(_by_label_z(a[R_], a["labels"]), a["labels"]),
+    "mean over classes of column z": lambda a: ((a[R_] - a[R_].mean(0)) / a[R_].std(0)).mean(1),
+    "min of column (x - median) / MAD": lambda a: (
+        (a[R_] - np.median(a[R_], 0)) / np.median(np.abs(a[R_] - np.median(a[R_], 0)), 0)).min(1),
+    "soft-min over other classes, column-scaled": lambda a: -np.log(np.nansum(
+        np.exp(-_others(a[R_] / a[R_].std(0), a["labels"])), 1)),
+    "sum of negative parts": lambda a: np.minimum(a[R_], 0).sum(1),
+    "sum of negative parts, column-scaled": lambda a: np.minimum(a[R_] / a[R_].std(0), 0).sum(1),
+    # per-validation-sample C(i, j) (the cluster strategy's features)
+    "sign vote (fraction of features helped)": lambda a: -(a["contribution_matrix"] < 0).mean(1),
+    "own-class sign vote": lambda a: (((a["contribution_matrix"] > 0) & (a["feature_labels"][None] == a["labels"][:, None]))
+                                      .sum(1) / np.maximum((a["feature_labels"][None] == a["labels"][:, None]).sum(1), 1)),
+    "2% quantile of C(i, j)": lambda a: np.quantile(a["contribution_matrix"], 0.02, axis=1),
+    "min over classes of the 5 lowest C(i, j)": lambda a: np.stack(
+        [np.sort(a["contribution_matrix"][:, a["feature_labels"] == c], 1)[:, :5].mean(1)
+         for c in np.unique(a["feature_labels"])], 1).min(1),
+    **{f"kNN by |C(i, j)|, helped share, k={k}": (lambda a, k=k: _knn_helped(a, k)) for k in (5, 10, 20, 40)},
+    **{f"kNN by |C(i, j)|, label agreement, k={k}": (lambda a, k=k: _knn_label(a, k)) for k in (5, 10, 20, 40)},
+    **{f"kNN by |C(i, j)|, mixed, k={k}": (lambda a, k=k: _knn_mix(a, k)) for k in (5, 10, 20, 40)},
+    # along the trajectory, no validation set
+    "self-influence along the run": lambda a: a["self_influence"],
+    "c_t-weighted trajectory loss": lambda a: a["weighted_trajectory_loss"],
+    "trajectory mean probability of the label": lambda a: _own(_proba(a), a["labels"]),
+    "final training loss": lambda a: -a["final_loss"],
+    # combinations
+    "rank(class_harm) + rank(trajectory_loss)": lambda a: rankdata(class_harm(**a)) + rankdata(_loss(a)),
+    "rank(class_min) + rank(trajectory_loss)": lambda a: rankdata(np.min(a[R_], 1)) + rankdata(_loss(a)),
+    "rank(class_harm) + rank(final loss)": lambda a: rankdata(class_harm(**a)) + rankdata(-a["final_loss"]),
+    "rank(contribution) + rank(trajectory_loss)": lambda a: rankdata(a["contribution"]) + rankdata(_loss(a)),
+    "z(class_harm) + z(trajectory probability)": lambda a: robust_z(class_harm(**a)) + robust_z(_own(_proba(a), a["labels"])),
+    "z(class_harm) + z(trajectory margin)": lambda a: robust_z(class_harm(**a)) + robust_z(_margin(a)),
+    "z(class_harm) + z(trajectory_loss)": lambda a: robust_z(class_harm(**a)) + robust_z(_loss(a)),
+}
+
+
+def _gmm(a, features):
+    score = SCORES[DEFAULT_SCORE](**a)
+    lab = GaussianMixture(2, n_init=3, random_state=0).fit(features).predict(features)
+    low = np.argmin([score[lab == k].mean() for k in (0, 1)])
+    return lab == low
+
+
+def _a(a, factor=1.0):
+    R, y = a[R_], a["labels"]
+    if factor == 1.0:
+        return harms_more_than_class_helps(R, y)
+    worst = R.argmin(1)
+    help_ = np.array([np.median(R[y == c, c]) if (y == c).any() else np.nan for c in range(R.shape[1])])
+    return -R[np.arange(len(y)), worst] > factor * help_[worst]
+
+
+def _l(a):
+    return a["trajectory_loss"] > np.log(a[R_].shape[1])
+
+
+def _p(a):
+    return predicted_other_class(a["trajectory_proba"], a["labels"])
+
+
+def _count(a, flags):
+    return flag_lowest(SCORES[DEFAULT_SCORE](**a), count=int(flags.sum()))
+
+
+AUTO_RULES = {
+    "2-component GMM on the default score": lambda a: _gmm(a, SCORES[DEFAULT_SCORE](**a)[:, None]),
+    "2-component GMM on (z(class_harm), z(trajectory_loss))": lambda a: _gmm(
+        a, np.c_[robust_z(class_harm(**a)), robust_z(_loss(a))]),
+    "default score below -2 sqrt 2": lambda a: SCORES[DEFAULT_SCORE](**a) < -2 * np.sqrt(2),
+    "default score below -3 sqrt 2": lambda a: SCORES[DEFAULT_SCORE](**a) < -3 * np.sqrt(2),
+    "A: harm > typical help": _a,
+    "A2: harm > 2 x typical help": lambda a: _a(a, 2.0),
+    "L: trajectory loss > ln K": _l,
+    "P: trajectory prediction != label": _p,
+    "A or L": lambda a: _a(a) | _l(a),
+    "A and L": lambda a: _a(a) & _l(a),
+    "A or P": lambda a: _a(a) | _p(a),
+    "A and P": lambda a: _a(a) & _p(a),
+    "count of P, lowest scores": lambda a: _count(a, _p(a)),
+    DEFAULT_COUNT: lambda a: _count(a, _a(a) | _p(a)),
+}
+
+
+def evaluate(arrays: dict, noise: np.ndarray) -> dict:
+    """AUROC of every variant and count / F1 of every rule on one setting (scored rows only)."""
+    from sklearn.metrics import roc_auc_score
+
+    scores = {}
+    for name, fn in VARIANTS.items():
+        with np.errstate(all="ignore"):
+            s = np.asarray(fn(arrays), dtype=np.float64)
+        scores[name] = float(roc_auc_score(noise, -np.nan_to_num(s, nan=np.nanmin(s))))
+    rules = {}
+    for name, fn in AUTO_RULES.items():
+        flags = np.asarray(fn(arrays), dtype=bool)
+        rules[name] = {"count": int(flags.sum()), "f1": float(f1_score(noise, flags, zero_division=0))}
+    return {"auroc": scores, "auto": rules}
+
+
+def table(results: dict[str, dict], selection: list[str], key: str) -> str:
+    """Markdown: one row per variant (or rule), one column per setting, mean and worst over ``selection``."""
+    names = list(results)
+    head = "| | " + " | ".join(names) + " | mean (selection) | worst (selection) |"
+    lines = [head, "|---|" + "---|" * (len(names) + 2)]
+    rows = list(next(iter(results.values()))[key])
+    for r in rows:
+        if key == "auroc":
+            vals = [results[n][key][r] for n in names]
+            cells = [f"{v:.3f}" for v in vals]
+        else:
+            vals = [results[n][key][r]["f1"] for n in names]
+            cells = [f"{results[n][key][r]['f1']:.3f} ({results[n][key][r]['count']})" for n in names]
+        sel = [v for n, v in zip(names, vals) if n in selection]
+        label = f"**{r}**" if r in (DEFAULT_SCORE, DEFAULT_COUNT) else r
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {np.mean(sel):.3f} | {np.min(sel):.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    from settings import HELD_OUT, SELECTION
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", default="docs/_generated", help="folder with the suite's suite_*.json")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    results = {}
+    for path in sorted(Path(args.dir).glob("suite_*.json")):
+        for res in json.loads(path.read_text()):
+            results[res["setting"]] = res["ablation"]
+    order = [n for n in SELECTION + HELD_OUT if n in results]
+    results = {n: results[n] for n in order}
+    selection = [n for n in order if n in SELECTION]
+    cells = {k: len(selection) for k in ("auroc",)}
+    text = "\n".join([
+        f"AUROC of every score tried, on the {cells['auroc']} selection settings and the held-out ones "
+        f"({', '.join(n for n in order if n in HELD_OUT) or 'none run'}); the default is in bold.",
+        "",
+        table(results, selection, "auroc"),
+        "",
+        "F1 (and number flagged) of every flag-count rule tried; the default (`drop_fraction=\"auto\"`) is in bold.",
+        "",
+        table(results, selection, "auto"),
+    ])
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
