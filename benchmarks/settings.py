@@ -78,10 +78,11 @@ def _settings() -> dict[str, Setting]:
                                           f"{title}, look-alike pairs 0.4")
         out[f"{dataset}-cc"] = Setting(f"{dataset}-cc", dataset, "cc", 0.3, "default",
                                        f"{title}, class-conditional sparse noise 0.3")
-    out["digits-memorise"] = Setting("digits-memorise", "digits", "symmetric", 0.25, "memorise",
-                                     "digits, MLP memorising symmetric noise 0.25")
-    out["digits-memorise-perm"] = Setting("digits-memorise-perm", "digits", "permutation", 0.2, "memorise",
-                                          "digits, MLP memorising a systematic confusion 0.2")
+        if dataset == "digits":
+            out["digits-memorise"] = Setting("digits-memorise", "digits", "symmetric", 0.25, "memorise",
+                                             "digits, MLP memorising symmetric noise 0.25")
+            out["digits-memorise-perm"] = Setting("digits-memorise-perm", "digits", "permutation", 0.2, "memorise",
+                                                  "digits, MLP memorising a systematic confusion 0.2")
     out["tabular-cc"] = Setting("tabular-cc", "tabular", "cc", 0.3, "default",
                                 "tabular (held out), class-conditional sparse noise 0.3")
     out["tabular-sym-0.4"] = Setting("tabular-sym-0.4", "tabular", "symmetric", 0.4, "default",

@@ -192,7 +192,8 @@ def main() -> None:
     names = args.settings or [n for n in SETTINGS if n.startswith(args.dataset or "")]
     if args.smoke:
         args.seeds = 1
-        names = args.settings or ["digits-sym-0.2", "digits-pairs", "digits-cc", "digits-memorise", "fashion-pairs"]
+        names = args.settings or ["digits-sym-0.2", "digits-pairs", "digits-cc", "digits-memorise",
+                                  "digits-memorise-perm", "fashion-pairs", "fashion-cc", "tabular-cc"]
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore", UserWarning)
     device = torch.device(args.device)
