@@ -43,14 +43,8 @@ def _others(R, y):
     return out
 
 
-def _proba(a):
-    P = a["trajectory_proba"]
-    return P / P.sum(1, keepdims=True)
-
-
 def _margin(a):
-    P, y = _proba(a), a["labels"]
-    return _own(P, y) - np.nanmax(_others(P, y), axis=1)
+    return SCORES["trajectory_margin"](**a)
 
 
 def _by_label_z(R, y):
@@ -128,14 +122,15 @@ VARIANTS = {
     # along the trajectory, no validation set
     "self-influence along the run": lambda a: a["self_influence"],
     "c_t-weighted trajectory loss": lambda a: a["weighted_trajectory_loss"],
-    "trajectory mean probability of the label": lambda a: _own(_proba(a), a["labels"]),
+    "trajectory mean probability of the label": lambda a: _own(a["trajectory_proba"], a["labels"]),
     "final training loss": lambda a: -a["final_loss"],
     # combinations
     "rank(class_harm) + rank(trajectory_loss)": lambda a: rankdata(class_harm(**a)) + rankdata(_loss(a)),
     "rank(class_min) + rank(trajectory_loss)": lambda a: rankdata(np.min(a[R_], 1)) + rankdata(_loss(a)),
     "rank(class_harm) + rank(final loss)": lambda a: rankdata(class_harm(**a)) + rankdata(-a["final_loss"]),
     "rank(contribution) + rank(trajectory_loss)": lambda a: rankdata(a["contribution"]) + rankdata(_loss(a)),
-    "z(class_harm) + z(trajectory probability)": lambda a: robust_z(class_harm(**a)) + robust_z(_own(_proba(a), a["labels"])),
+    "z(class_harm) + z(trajectory probability)": lambda a: (
+        robust_z(class_harm(**a)) + robust_z(_own(a["trajectory_proba"], a["labels"]))),
     "z(class_harm) + z(trajectory margin)": lambda a: robust_z(class_harm(**a)) + robust_z(_margin(a)),
     "z(class_harm) + z(trajectory_loss)": lambda a: robust_z(class_harm(**a)) + robust_z(_loss(a)),
 }
