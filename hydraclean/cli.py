@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 import time
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
+from . import __version__
 from .datasets import load_digits_images, make_label_noise
 from .estimator import HydraLabelCleaner
 from .evaluation import detection_metrics, retrain_accuracy
@@ -123,6 +126,9 @@ def _make_module(model: str, shape: tuple[int, ...]):
 
 
 def _read_npz(path: Path) -> dict:
+    if not zipfile.is_zipfile(path):
+        raise CLIError(f"{path} is not a valid .npz archive (an .npz file is a zip of .npy arrays, as "
+                       "numpy.savez writes); convert the data with numpy.savez(path, X=..., y=...).")
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
@@ -153,9 +159,30 @@ def _read_csv(path: Path, label_column: str) -> tuple[list[str], list[list[str]]
         raise CLIError(f"{path}: row {bad[0] + 2} has {len(rows[bad[0]])} fields but the header has {len(header)}.")
     try:
         X = np.array([[float(v) for j, v in enumerate(r) if j != li] for r in rows], dtype=np.float32)
-    except ValueError as exc:
-        raise CLIError(f"{path}: every column except {label_column!r} must be numeric ({exc}).") from exc
+    except ValueError:
+        k, j = next((k, j) for k, r in enumerate(rows) for j, v in enumerate(r) if j != li and not _is_number(v))
+        what = "a missing value" if not rows[k][j].strip() else f"the non-numeric value {rows[k][j]!r}"
+        raise CLIError(f"{path}: {what} at row {k + 2}, column {header[j]!r}; every column except "
+                       f"{label_column!r} must hold numbers (impute or drop missing values first).") from None
     return header, rows, X.reshape(len(rows), -1), np.array([r[li] for r in rows])
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_writable(*paths: Path) -> None:
+    """Fail before any work when an output cannot be written."""
+    for path in paths:
+        folder = path.parent
+        if not folder.is_dir():
+            raise CLIError(f"cannot write {path}: the folder {folder} does not exist; create it first.")
+        if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise CLIError(f"cannot write {path}: permission denied.")
 
 
 def run_clean(args: argparse.Namespace) -> int:
@@ -167,6 +194,7 @@ def run_clean(args: argparse.Namespace) -> int:
     if kind not in (".npz", ".csv") or out.suffix.lower() != kind:
         raise CLIError(f"input and output must both be .npz or both .csv; got {src.name} and {out.name}.")
     report = Path(args.report) if args.report else out.with_name(out.stem + "_report.csv")
+    _check_writable(out, report)
     if kind == ".npz":
         arrays = _read_npz(src)
         X, y = arrays["X"], arrays["y"]
@@ -242,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="hydraclean",
         description="Find mislabelled training data with HYDRA (hypergradient data relevance analysis).",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="clean scikit-learn's digits with injected label noise and report detection")
     demo.add_argument("--noise", type=float, default=0.2, help="fraction of labels flipped per class (default 0.2)")

@@ -34,6 +34,12 @@ def check_features(X, name: str = "X", copy: bool = True) -> np.ndarray:
         When ``X`` is complex, empty, has no features, is 1-D or scalar, or
         holds NaN or inf.
     """
+    if isinstance(X, (torch.utils.data.Dataset, torch.utils.data.DataLoader)):
+        raise TypeError(
+            f"{name} is a torch {'DataLoader' if isinstance(X, torch.utils.data.DataLoader) else 'Dataset'}; "
+            "hydraclean takes the samples as one array (numpy array, torch tensor or nested list): stack "
+            f"them first, e.g. {name} = torch.stack([x for x, _ in dataset])."
+        )
     if isinstance(X, torch.Tensor):
         X = X.detach().cpu().numpy()
     if type(X).__module__.startswith("scipy.sparse"):
@@ -45,6 +51,10 @@ def check_features(X, name: str = "X", copy: bool = True) -> np.ndarray:
     if np.iscomplexobj(arr):
         raise ValueError(f"Complex data not supported: {name} is complex; hydraclean needs real numbers.")
     if arr.dtype == object:
+        missing = [k for k, v in enumerate(arr.reshape(arr.shape[0], -1).ravel()) if _is_missing(v)]
+        if missing:
+            raise ValueError(f"{name} has a missing value (None, pd.NA or NaN) at {_where(arr.shape, missing[0])}; "
+                             "impute or drop the missing values first (e.g. sklearn.impute.SimpleImputer).")
         try:
             arr = arr.astype(np.float64)
         except (TypeError, ValueError) as exc:
@@ -67,12 +77,30 @@ def check_features(X, name: str = "X", copy: bool = True) -> np.ndarray:
         raise ValueError(f"{name} is empty: 0 sample(s) (shape={arr.shape}); pass at least one sample per class.")
     if int(np.prod(arr.shape[1:])) == 0:
         raise ValueError(f"{name} has 0 feature(s) (shape={arr.shape}) while a minimum of 1 is required.")
-    if not np.all(np.isfinite(arr)):
+    bad = ~np.isfinite(arr.reshape(arr.shape[0], -1))
+    if bad.any():
+        first = int(np.flatnonzero(bad.ravel())[0])
+        what = "NaN" if np.isnan(arr.reshape(-1)[first]) else "infinity"
         raise ValueError(
-            f"{name} contains NaN or infinity; impute or drop those values first "
-            "(e.g. sklearn.impute.SimpleImputer)."
+            f"{name} contains {what} at {_where(arr.shape, first)} ({int(bad.sum())} non-finite value(s) in "
+            "all); impute or drop those values first (e.g. sklearn.impute.SimpleImputer)."
         )
     return arr
+
+
+def _is_missing(value) -> bool:
+    """None, pandas' NA / NaT, or a float NaN (without importing pandas)."""
+    if value is None or type(value).__name__ in ("NAType", "NaTType"):
+        return True
+    return isinstance(value, float) and value != value
+
+
+def _where(shape: tuple[int, ...], flat: int) -> str:
+    """'row r, column c' (or 'row r, position (..)' for images) of a flat index into an array of ``shape``."""
+    row, rest = divmod(flat, int(np.prod(shape[1:])))
+    if len(shape) == 2:
+        return f"row {row}, column {rest}"
+    return f"row {row}, position {tuple(int(i) for i in np.unravel_index(rest, shape[1:]))}"
 
 
 def check_labels(y, n_samples: int, name: str = "y") -> np.ndarray:

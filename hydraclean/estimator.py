@@ -326,6 +326,7 @@ class _HydraBase(BaseEstimator):
         Xt, Xv = to(data.X_train, dtype), to(data.X_val, dtype)
         yt, yv = to(data.y_train, torch.long), to(data.y_val, torch.long)
         _check_forward(module, Xt[:2], data.classes.size)
+        _check_batch_norm_batches(module, Xt.shape[0], self.batch_size)
 
         val_rows = None
         if self.strategy == "cluster":
@@ -418,8 +419,13 @@ class _HydraBase(BaseEstimator):
             device = torch.device(self.device)
         except (RuntimeError, TypeError) as exc:
             raise ValueError(f"device={self.device!r} is not a torch device; use 'auto', 'cpu' or 'cuda'.") from exc
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device='cuda' was requested but CUDA is not available; use device='auto' or 'cpu'.")
+        try:
+            torch.empty(1, device=device)
+        except (RuntimeError, AssertionError) as exc:  # torch raises AssertionError for a CUDA-less build
+            raise ValueError(
+                f"device={self.device!r} is not available here; available: {', '.join(_available_devices())}. "
+                "Use device='auto' to take a GPU when there is one."
+            ) from exc
         return device
 
     def _build_module(self, input_shape, n_classes: int, device: torch.device, seed: int) -> nn.Module:
@@ -468,6 +474,26 @@ class _HydraBase(BaseEstimator):
                           stacklevel=4)
             return None
         return lambda it, desc: tqdm(it, desc=desc, unit="epoch", leave=False)
+
+
+def _available_devices() -> list[str]:
+    devices = ["cpu"] + [f"cuda:{k}" for k in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    return devices + (["mps"] if mps is not None and mps.is_available() else [])
+
+
+def _check_batch_norm_batches(module: nn.Module, n_train: int, batch_size: int) -> None:
+    """BatchNorm cannot train on a batch of one sample: say so, with a batch size that works."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()):
+        return
+    sizes = {min(batch_size, n_train)} | ({n_train % batch_size} if n_train % batch_size else set())
+    if 1 in sizes:
+        better = next((b for b in range(max(batch_size, 2), n_train + 1) if n_train % b != 1), None)
+        fix = f"Use batch_size={better}, or drop or add a training row." if better else "Add training rows."
+        raise ValueError(
+            f"The module has BatchNorm layers and a training batch of 1 sample would occur (n_train={n_train}, "
+            f"batch_size={batch_size}); BatchNorm needs at least 2 samples per batch in training. {fix}"
+        )
 
 
 def _floating_dtype(module: nn.Module) -> torch.dtype:

@@ -89,13 +89,30 @@ def test_clean_csv_round_trip_keeps_rows_verbatim(digits_files, capsys):
         (["clean", "{tmp}/train.csv", "-o", "{tmp}/x.csv", "--label-column", "target"], "no column 'target'"),
         (["clean", "{tmp}/train.npz", "-o", "{tmp}/x.npz", "--model", "lenet5"], "28x28 or 32x32"),
         (["clean", "{tmp}/train.npz", "-o", "{tmp}/x.csv"], "both be .npz or both .csv"),
+        (["clean", "{tmp}/train.npz", "-o", "{tmp}/no_such_dir/x.npz"], "folder {tmp}/no_such_dir does not exist"),
+        (["clean", "{tmp}/train.npz", "-o", "{tmp}/x.npz", "--report", "{tmp}/nope/r.csv"], "nope does not exist"),
+        (["clean", "{tmp}/text.npz", "-o", "{tmp}/x.npz"], "is not a valid .npz archive"),
+        (["clean", "{tmp}/holes.csv", "-o", "{tmp}/x.csv"], "a missing value at row 3, column 'p1'"),
+        (["clean", "{tmp}/words.csv", "-o", "{tmp}/x.csv"], "the non-numeric value 'abc' at row 2, column 'p0'"),
     ],
 )
 def test_clean_errors_are_one_clear_line(digits_files, capsys, argv, message):
     tmp, _, _ = digits_files
+    (tmp / "text.npz").write_text("label,p0\na,1\n")
+    (tmp / "holes.csv").write_text("label,p0,p1\na,1,2\nb,3,\n")
+    (tmp / "words.csv").write_text("label,p0,p1\na,abc,2\nb,3,4\n")
     assert main([a.format(tmp=tmp) for a in argv]) == 2
-    err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+    captured = capsys.readouterr()
+    assert message.format(tmp=tmp) in captured.err and "Traceback" not in captured.err
+    assert "flagged" not in captured.out  # failed before any training
+
+
+def test_version(capsys):
+    import hydraclean
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"hydraclean {hydraclean.__version__}"
 
 
 def test_help_lists_both_commands(capsys):

@@ -342,10 +342,20 @@ def test_invalid_parameters_are_rejected_at_fit(flat):
 
 
 BAD = [
-    ("nan in X", lambda X, y, Xv, yv: (np.where(np.arange(X.size).reshape(X.shape) == 5, np.nan, X), y, Xv, yv),
-     ValueError, "NaN or infinity"),
+    ("nan in X", lambda X, y, Xv, yv: (np.where(np.arange(X.size).reshape(X.shape) == 64 * 7 + 5, np.nan, X), y,
+                                       Xv, yv), ValueError, r"X contains NaN at row 7, column 5 \(1 non-finite"),
     ("inf in X_val", lambda X, y, Xv, yv: (X, y, np.where(np.arange(Xv.size).reshape(Xv.shape) == 3, np.inf, Xv), yv),
-     ValueError, "X_val contains NaN"),
+     ValueError, "X_val contains infinity at row 0, column 3"),
+    ("nan in images", lambda X, y, Xv, yv: (np.where(np.arange(X.size).reshape(X.shape) == 64 + 9, np.nan, X)
+                                            .reshape(-1, 1, 8, 8), y, Xv.reshape(-1, 1, 8, 8), yv),
+     ValueError, r"NaN at row 1, position \(0, 1, 1\)"),
+    ("None in X", lambda X, y, Xv, yv: (np.where(np.arange(X.size).reshape(X.shape) == 64 * 2 + 1, None,
+                                                 X.astype(object)), y, Xv, yv),
+     ValueError, "missing value .* at row 2, column 1"),
+    ("torch Dataset", lambda X, y, Xv, yv: (torch.utils.data.TensorDataset(torch.as_tensor(X), torch.as_tensor(y)),
+                                            y, Xv, yv), TypeError, "X is a torch Dataset.*torch.stack"),
+    ("torch DataLoader", lambda X, y, Xv, yv: (X, y, torch.utils.data.DataLoader(torch.as_tensor(Xv)), yv),
+     TypeError, "X_val is a torch DataLoader"),
     ("lengths", lambda X, y, Xv, yv: (X, y[:-1], Xv, yv), ValueError, "same length"),
     ("one class", lambda X, y, Xv, yv: (X, np.zeros_like(y), Xv, np.zeros_like(yv)), ValueError, "at least 2"),
     ("unseen validation label", lambda X, y, Xv, yv: (X[y < 9], y[y < 9], Xv, yv), ValueError, "do not occur"),
@@ -362,6 +372,37 @@ def test_bad_input_names_the_problem(flat, case, mutate, error, match):
     Xb, yb, Xvb, yvb = mutate(X, y, Xv, yv)
     with pytest.raises(error, match=match):
         HydraLabelCleaner(mlp, **FAST).fit(Xb, yb, X_val=Xvb, y_val=yvb)
+
+
+def test_pandas_missing_values_are_named(flat):
+    pd = pytest.importorskip("pandas")
+    X, y, _, Xv, yv = flat
+    frame = pd.DataFrame(X).astype(object)
+    frame.iloc[4, 3] = pd.NA
+    with pytest.raises(ValueError, match="missing value .* at row 4, column 3"):
+        HydraLabelCleaner(mlp, **FAST).fit(frame, y, X_val=Xv, y_val=yv)
+
+
+@pytest.mark.parametrize("device", ["mps", "cuda:7", "meta-nope"])
+def test_unavailable_device_names_the_available_ones(flat, device):
+    X, y, _, Xv, yv = flat
+    if device == "mps" and getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        pytest.skip("MPS is available here")
+    with pytest.raises(ValueError, match=r"(not available here; available: cpu)|(is not a torch device)"):
+        HydraLabelCleaner(mlp, device=device, **FAST).fit(X, y, X_val=Xv, y_val=yv)
+
+
+def test_batch_norm_with_a_one_sample_last_batch_is_caught_before_training(flat):
+    X, y, _, Xv, yv = flat
+
+    def bn_mlp(n_features, n_classes):
+        return nn.Sequential(nn.Linear(n_features, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, n_classes))
+
+    n = 32 * 3 + 1  # batches of 32, 32, 32 and 1
+    with pytest.raises(ValueError, match=r"batch of 1 sample.*n_train=97, batch_size=32.*Use batch_size=33"):
+        HydraLabelCleaner(bn_mlp, **FAST).fit(X[:n], y[:n], X_val=Xv, y_val=yv)
+    HydraLabelCleaner(bn_mlp, **{**FAST, "batch_size": 33}).fit(X[:n], y[:n], X_val=Xv, y_val=yv)
+    HydraLabelCleaner(mlp, **FAST).fit(X[:n], y[:n], X_val=Xv, y_val=yv)  # no BatchNorm: a batch of one is fine
 
 
 def test_module_output_width_must_match_classes(flat):

@@ -91,3 +91,56 @@ def test_class_to_class_map_from_class_contributions_equals_the_matrix_map(fitte
     missing[:, 3] = np.nan  # a class without validation samples
     A = class_to_class_contribution(missing, y, c.classes_)
     assert np.isnan(A[:, 3]).all() and np.isfinite(np.delete(A, 3, axis=1)).all()
+
+
+def _digits_flat(n_train=120, n_val=30):
+    X, y = load_digits_images()
+    X = X.reshape(len(X), -1)
+    return X[:n_train], y[:n_train], X[1000 : 1000 + n_val], y[1000 : 1000 + n_val]
+
+
+def _tiny(n_features, n_classes):
+    return MLP(n_features, n_classes, hidden=(8,)).double()
+
+
+FAST = dict(max_epochs=2, batch_size=32, lr=0.05, random_state=0)
+
+
+@pytest.mark.parametrize("encode", [lambda y: 2 * y + 1, lambda y: np.array([f"class {v}" for v in y])],
+                         ids=["2y+1", "strings"])
+def test_explain_with_labels_that_are_not_their_codes(encode):
+    X, y, Xv, yv = _digits_flat()
+    c = HydraLabelCleaner(_tiny, strategy="cluster", n_val_features=1000, **FAST).fit(X, encode(y), X_val=Xv,
+                                                                                       y_val=encode(yv))
+    assert list(c.classes_) == sorted(set(encode(y))) and set(c.suggested_label_) <= set(c.classes_)
+    ex = c.explain(Xv, encode(yv), k=3)
+    np.testing.assert_allclose(ex.contribution_matrix, c.contribution_matrix_, rtol=1e-9, atol=1e-15)
+    plain = HydraLabelCleaner(_tiny, strategy="cluster", n_val_features=1000, **FAST).fit(X, y, X_val=Xv, y_val=yv)
+    np.testing.assert_allclose(c.contribution_matrix_, plain.contribution_matrix_, rtol=1e-12, atol=1e-18)
+
+
+def test_explain_after_a_validation_mask_fit():
+    X, y, Xv, yv = _digits_flat()
+    X_all, y_all = np.concatenate([Xv, X]), np.concatenate([yv, y])
+    mask = np.r_[np.ones(len(yv), bool), np.zeros(len(y), bool)]  # validation rows first: positions shift
+    c = HydraLabelCleaner(_tiny, strategy="cluster", n_val_features=1000, **FAST).fit(X_all, y_all,
+                                                                                       validation_mask=mask)
+    ex = c.explain(Xv, yv, k=5)
+    assert np.isnan(ex.contribution_matrix[mask]).all()
+    assert not np.isin(ex.helpful, np.flatnonzero(mask)).any() and not np.isin(ex.harmful, np.flatnonzero(mask)).any()
+    np.testing.assert_allclose(ex.contribution_matrix[~mask], c.contribution_matrix_[~mask], rtol=1e-9, atol=1e-15)
+
+
+def test_exact_subset_with_validation_rows_inside_X():
+    X, y, Xv, yv = _digits_flat(n_train=60, n_val=20)
+    X_all, y_all = np.concatenate([Xv[:10], X[:30], Xv[10:], X[30:]]), np.concatenate([yv[:10], y[:30], yv[10:], y[30:]])
+    mask = np.zeros(len(y_all), bool)
+    mask[:10] = mask[40:50] = True  # validation rows before and between training rows
+    full = HydraLabelCleaner(_tiny, hessian="exact", **FAST).fit(X_all, y_all, validation_mask=mask)
+    subset = np.array([12, 39, 55, 79])  # rows of X_all, all training rows
+    part = HydraLabelCleaner(_tiny, hessian="exact", exact_subset=subset, **FAST).fit(X_all, y_all,
+                                                                                      validation_mask=mask)
+    np.testing.assert_allclose(part.contribution_[subset], full.contribution_[subset], rtol=1e-10)
+    np.testing.assert_allclose(part.class_contribution_[subset], full.class_contribution_[subset], rtol=1e-10)
+    others = np.setdiff1d(np.arange(len(y_all)), subset)
+    assert np.isnan(part.contribution_[others]).all() and not part.label_issues_[others].any()
