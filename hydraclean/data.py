@@ -11,7 +11,7 @@ import torch
 from sklearn.model_selection import train_test_split
 from sklearn.utils import _safe_indexing
 
-__all__ = ["check_features", "check_labels", "resolve_validation_rows", "select_rows"]
+__all__ = ["check_features", "check_labels", "resolve_validation_rows", "scale_mismatch", "select_rows"]
 
 
 def check_features(X, name: str = "X", copy: bool = True) -> np.ndarray:
@@ -101,6 +101,38 @@ def _where(shape: tuple[int, ...], flat: int) -> str:
     if len(shape) == 2:
         return f"row {row}, column {rest}"
     return f"row {row}, position {tuple(int(i) for i in np.unravel_index(rest, shape[1:]))}"
+
+
+def scale_mismatch(X_train: np.ndarray, X_val: np.ndarray, shift_limit: float = 1.0, ratio_limit: float = 2.0) -> str | None:
+    """Say so when the validation features are on a clearly different scale from the training features.
+
+    Over the features that vary in training, the median distance between the
+    validation and training means, in training standard deviations, above
+    ``shift_limit``; or the median ratio of their standard deviations beyond
+    ``ratio_limit`` either way. Samples of one distribution stay far inside
+    both (a shift of about 0.1 and a ratio near 1 on the benchmark data).
+    Typical cause: ``X_val`` passed around a Pipeline's scaler.
+
+    Returns
+    -------
+    message : str or None
+    """
+    t = X_train.reshape(X_train.shape[0], -1).astype(np.float64)
+    v = X_val.reshape(X_val.shape[0], -1).astype(np.float64)
+    spread = t.std(0)
+    varies = spread > 0
+    if v.shape[0] < 2 or not varies.any():
+        return None
+    shift = float(np.median(np.abs(v.mean(0) - t.mean(0))[varies] / spread[varies]))
+    ratio = float(np.median(v.std(0)[varies] / spread[varies]))
+    if shift <= shift_limit and 1.0 / ratio_limit <= ratio <= ratio_limit:
+        return None
+    return (
+        f"X_val looks differently scaled from X: over the features, the median distance between their means is "
+        f"{shift:.1f} training standard deviations and the median ratio of their spreads is {ratio:.2f}. Inside a "
+        "Pipeline, X_val does not pass through the earlier steps (a scaler, say): put the trusted rows inside X "
+        "and mark them with validation_mask= instead."
+    )
 
 
 def check_labels(y, n_samples: int, name: str = "y") -> np.ndarray:

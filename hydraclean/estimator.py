@@ -33,8 +33,8 @@ from .contribution import (
 from .gradients import validation_gradients
 from .hypergradient import free_projections
 from .scoring import SCORES
-from .data import check_features, check_labels, resolve_validation_rows, select_rows
-from .training import plan_trajectory, step_rng
+from .data import check_features, check_labels, resolve_validation_rows, scale_mismatch, select_rows
+from .training import learning_shortfall, plan_trajectory, step_rng
 
 __all__ = ["HydraLabelCleaner", "HydraSampler"]
 
@@ -301,6 +301,9 @@ class _HydraBase(BaseEstimator):
                     f"X_val has trailing shape {X_v.shape[1:]} but X has {X_tr.shape[1:]}; "
                     "both must be shaped as the module expects."
                 )
+            mismatch = scale_mismatch(X_tr, X_v)
+            if mismatch:
+                warnings.warn(mismatch, UserWarning, stacklevel=4)
         if X_tr.shape[0] == 0:
             raise ValueError("No training rows are left once the validation rows are set aside.")
         classes, y_tr_enc = np.unique(y_tr, return_inverse=True)
@@ -365,6 +368,9 @@ class _HydraBase(BaseEstimator):
         """Score every training row with ``scoring`` and flag with ``strategy`` (hydraclean.cleaning)."""
         n_all = data.val_mask.size
         train_rows = np.flatnonzero(~data.val_mask)
+        shortfall = learning_shortfall(result.history, data.y_val)
+        if shortfall:
+            warnings.warn(shortfall, UserWarning, stacklevel=4)
 
         def per_row(values: np.ndarray | None) -> np.ndarray | None:
             """Training-row values laid out over the rows of X, NaN for validation rows."""

@@ -28,7 +28,17 @@ from torch import nn
 
 from .schedules import Schedule, learning_rates
 
-__all__ = ["SampleTrace", "Trajectory", "evaluate_model", "plan_trajectory", "replay", "run_sgd", "step_rng", "train"]
+__all__ = [
+    "SampleTrace",
+    "Trajectory",
+    "evaluate_model",
+    "learning_shortfall",
+    "plan_trajectory",
+    "replay",
+    "run_sgd",
+    "step_rng",
+    "train",
+]
 
 # on_step(model, t, indices, xb, yb) sees the weights w_{t-1} in the model before step t.
 StepCallback = Callable[[nn.Module, int, torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -298,6 +308,42 @@ def train(
     if validation is None:
         del history["valid_loss"], history["valid_accuracy"]
     return model, history, trace
+
+
+def learning_shortfall(history: dict[str, list[float]], y_val: np.ndarray, margin: float = 0.1) -> str | None:
+    """Say so when the trained model is not clearly better than predicting the majority class.
+
+    Judged on the trusted validation set: final validation accuracy below
+    ``rate + margin * (1 - rate)``, with ``rate`` the share of the most frequent
+    validation class. Training accuracy is reported but does not decide, since
+    under heavy label noise it is low even for a model that learned the true
+    classes.
+
+    Parameters
+    ----------
+    history : dict
+        :func:`train`'s per-epoch ``valid_accuracy`` and ``train_accuracy``.
+    y_val : ndarray of shape (n_val,)
+        Validation labels as codes.
+    margin : float, default=0.1
+        Share of the gap between the majority rate and 1 that the model must close.
+
+    Returns
+    -------
+    message : str or None
+        None when the model learned.
+    """
+    rate = float(np.bincount(np.asarray(y_val)).max() / len(y_val))
+    accuracy = history["valid_accuracy"][-1]
+    bar = rate + margin * (1.0 - rate)
+    if accuracy >= bar:
+        return None
+    return (
+        f"The trained model did not learn: its validation accuracy is {accuracy:.3f}, against {rate:.3f} for "
+        f"always predicting the most frequent class (training accuracy {history['train_accuracy'][-1]:.3f}), so "
+        "its contributions and label-quality scores are not meaningful. Train longer, change the learning rate "
+        "or scale the inputs (history_ holds the per-epoch figures)."
+    )
 
 
 @torch.no_grad()

@@ -405,6 +405,35 @@ def test_batch_norm_with_a_one_sample_last_batch_is_caught_before_training(flat)
     HydraLabelCleaner(mlp, **FAST).fit(X[:n], y[:n], X_val=Xv, y_val=yv)  # no BatchNorm: a batch of one is fine
 
 
+def test_a_model_that_did_not_learn_is_reported_with_the_numbers(flat, digits):
+    from sklearn.datasets import make_classification
+
+    X, y = make_classification(600, 20, n_informative=10, n_classes=4, random_state=0)
+    X = (X * 20 + 50).astype("float32")  # raw-scale features and lr=5: finite loss, chance accuracy
+    with pytest.warns(UserWarning, match=r"did not learn: its validation accuracy is 0\.2\d\d, against 0\.2\d\d"):
+        HydraLabelCleaner(MLP, lr=5.0, max_epochs=10, batch_size=32, random_state=0).fit(
+            X[:500], y[:500], X_val=X[500:], y_val=y[500:])
+    Xi, yi, _, Xvi, yvi = digits  # too little training: one epoch at a tiny learning rate
+    with pytest.warns(UserWarning, match="did not learn"):
+        HydraLabelCleaner(SmallCNN, max_epochs=1, lr=1e-4, random_state=0).fit(Xi, yi, X_val=Xvi, y_val=yvi)
+    with warnings.catch_warnings():  # the demo's recipe learns: silent
+        warnings.simplefilter("error", UserWarning)
+        HydraLabelCleaner(SmallCNN, max_epochs=15, batch_size=32, lr=0.1, lr_schedule=ExponentialDecay(0.8),
+                          random_state=0).fit(Xi, yi, X_val=Xvi, y_val=yvi)
+
+
+def test_validation_features_on_another_scale_are_reported(flat):
+    X, y, _, Xv, yv = flat
+    scaler = StandardScaler().fit(X)
+    pipe = make_pipeline(StandardScaler(), HydraLabelCleaner(mlp, **FAST))
+    with pytest.warns(UserWarning, match=r"X_val looks differently scaled.*validation_mask="):
+        pipe.fit(X, y, hydralabelcleaner__X_val=Xv, hydralabelcleaner__y_val=yv)  # X_val skips the scaler
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        HydraLabelCleaner(mlp, **FAST).fit(scaler.transform(X), y, X_val=scaler.transform(Xv), y_val=yv)
+    assert not [w for w in caught if "differently scaled" in str(w.message)]
+
+
 def test_module_output_width_must_match_classes(flat):
     X, y, _, Xv, yv = flat
     with pytest.raises(ValueError, match=r"10 classes.*\(batch, 10\)"):
