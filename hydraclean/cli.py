@@ -167,6 +167,21 @@ def _read_csv(path: Path, label_column: str) -> tuple[list[str], list[list[str]]
     return header, rows, X.reshape(len(rows), -1), np.array([r[li] for r in rows])
 
 
+def standardize(X: np.ndarray, X_val: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Each feature to mean 0 and standard deviation 1 over the training rows; X_val with the same statistics.
+
+    Constant features are only centred. The files written keep the original values.
+    """
+    flat = np.asarray(X, dtype=np.float64).reshape(len(X), -1)
+    mean, sd = flat.mean(0), flat.std(0)
+    sd = np.where(sd > 0, sd, 1.0)
+
+    def scale(A):
+        return ((np.asarray(A, dtype=np.float64).reshape(len(A), -1) - mean) / sd).reshape(np.shape(A))
+
+    return scale(X), None if X_val is None else scale(X_val)
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text)
@@ -212,6 +227,8 @@ def run_clean(args: argparse.Namespace) -> int:
         else:
             _, _, X_val, y_val = _read_csv(vsrc, args.label_column)
     shape = _image_shape(args.model, X)
+    if args.standardize:
+        X, X_val = standardize(X, X_val)
     X_in = X.reshape(len(X), *shape).astype(np.float32, copy=False)
     X_val_in = None if X_val is None else np.asarray(X_val).reshape(len(X_val), *shape).astype(np.float32, copy=False)
     cleaner = HydraLabelCleaner(
@@ -295,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     clean.add_argument("--model", choices=["mlp", "small-cnn", "lenet5"], default="mlp",
                        help="mlp (any input), small-cnn (8x8 images), lenet5 (28x28 or 32x32 images); default mlp")
     clean.add_argument("--strategy", choices=["drop", "cluster"], default="drop", help="default drop")
+    clean.add_argument("--standardize", action="store_true",
+                       help="scale each feature to mean 0, sd 1 over the training rows before training (tabular "
+                       "data; the files written keep the original values)")
     clean.add_argument("--scoring", choices=sorted(SCORES), default="combined",
                        help="label-quality score that ranks the rows (default combined; contribution is the paper's)")
     clean.add_argument("--drop-fraction", type=_fraction_or_auto, default="auto",

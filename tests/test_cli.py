@@ -107,6 +107,24 @@ def test_clean_errors_are_one_clear_line(digits_files, capsys, argv, message):
     assert "flagged" not in captured.out  # failed before any training
 
 
+def test_standardize_uses_training_statistics_and_keeps_the_files_verbatim(digits_files, capsys):
+    from hydraclean.cli import standardize
+
+    rng = np.random.RandomState(0)
+    X, Xv = rng.normal(5.0, 3.0, size=(50, 4)), rng.normal(5.0, 3.0, size=(10, 4))
+    X[:, 2] = 7.0  # constant: centred only
+    Xs, Xvs = standardize(X, Xv)
+    np.testing.assert_allclose(Xs.mean(0), 0.0, atol=1e-12)
+    np.testing.assert_allclose(Xs.std(0), [1, 1, 0, 1], atol=1e-12)
+    np.testing.assert_allclose(Xvs, (Xv - X.mean(0)) / np.where(X.std(0) > 0, X.std(0), 1.0), rtol=1e-12)
+    tmp, _, _ = digits_files
+    out = tmp / "scaled.csv"
+    assert main(["clean", str(tmp / "train.csv"), "-o", str(out), "--standardize", *FAST]) == 0
+    kept = out.read_text().splitlines()
+    assert kept[0] == (tmp / "train.csv").read_text().splitlines()[0]
+    assert set(kept[1:]) <= set((tmp / "train.csv").read_text().splitlines()[1:])
+
+
 def test_version(capsys):
     import hydraclean
 
