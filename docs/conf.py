@@ -5,7 +5,9 @@ import hydraclean
 project = "hydraclean"
 author = "hydraclean developers"
 release = version = hydraclean.__version__
-extensions = ["sphinx.ext.autodoc", "sphinx.ext.mathjax", "sphinx.ext.viewcode", "numpydoc", "myst_parser"]
+# sphinx-mathjax-offline copies MathJax into _static and points mathjax_path there (no CDN)
+extensions = ["sphinx.ext.autodoc", "sphinx.ext.mathjax", "sphinx-mathjax-offline", "sphinx.ext.viewcode", "numpydoc",
+              "myst_parser"]
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 exclude_patterns = ["_build", "_generated/*.md"]
 autodoc_typehints = "none"  # numpydoc sections carry the types
