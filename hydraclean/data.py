@@ -51,9 +51,9 @@ def check_features(X, name: str = "X", copy: bool = True) -> np.ndarray:
     if np.iscomplexobj(arr):
         raise ValueError(f"Complex data not supported: {name} is complex; hydraclean needs real numbers.")
     if arr.dtype == object:
-        missing = [k for k, v in enumerate(arr.reshape(arr.shape[0], -1).ravel()) if _is_missing(v)]
-        if missing:
-            raise ValueError(f"{name} has a missing value (None, pd.NA or NaN) at {_where(arr.shape, missing[0])}; "
+        first = next((k for k, v in enumerate(arr.reshape(-1)) if _is_missing(v)), None)
+        if first is not None:
+            raise ValueError(f"{name} has a missing value (None, pd.NA or NaN) at {_where(arr.shape, first)}; "
                              "impute or drop the missing values first (e.g. sklearn.impute.SimpleImputer).")
         try:
             arr = arr.astype(np.float64)
