@@ -30,6 +30,7 @@ from torch import nn
 from .gradients import class_validation_gradients, validation_gradients
 from .hypergradient import ExactTracker, free_projections
 from .training import Progress, Trajectory, train
+from .weight_store import WeightStore
 
 __all__ = [
     "Explanation",
@@ -99,6 +100,8 @@ def fit_contributions(
     exact_indices: torch.Tensor | None = None,
     chunk_size: int | None = None,
     progress: Progress | None = None,
+    max_memory: int = 10**9,
+    spill_dir: str | None = None,
 ) -> HydraResult:
     """Train along ``trajectory`` and score every training sample against the validation set.
 
@@ -128,19 +131,34 @@ def fit_contributions(
         Hessian-vector products per vectorised call.
     progress : callable, optional
         Wraps each loop over epochs.
+    max_memory : int, default=10**9
+        Bytes (on the data's device) for the training run's stored weights
+        and, in what is left, the convolution hypergradient buffer
+        (:mod:`hydraclean.weight_store`, :mod:`hydraclean.projection`).
+    spill_dir : str, optional
+        Directory for a memory-mapped file of the weights when they do not
+        fit in ``max_memory``.
 
     Returns
     -------
     HydraResult
+
+    Raises
+    ------
+    ValueError
+        When ``max_memory`` cannot hold one checkpoint and there is no ``spill_dir``.
     """
     n = X.shape[0]
-    tracker = None
-    if hessian == "exact":
+    tracker = store = None
+    if hessian == "free":
+        store = WeightStore(module, trajectory.n_steps, max_memory, spill_dir)
+    else:
         if exact_indices is None:
             exact_indices = torch.arange(n, device=X.device)
         tracker = ExactTracker(module, criterion, trajectory, exact_indices, chunk_size=chunk_size)
     model, history, trace = train(
-        module, X, y, criterion, trajectory, on_step=tracker, validation=(X_val, y_val), progress=progress
+        module, X, y, criterion, trajectory, on_step=tracker, validation=(X_val, y_val), progress=progress,
+        store=store,
     )
     if n_classes is None:
         n_classes = int(max(y.max(), y_val.max())) + 1
@@ -151,7 +169,10 @@ def fit_contributions(
     parts = [mean_grad.unsqueeze(0), class_grads[present]] + ([] if rows_grad is None else [rows_grad])
     directions = torch.cat(parts)
     if tracker is None:
-        projections = free_projections(trajectory, module, X, y, criterion, directions, progress=progress)
+        rows = None if val_rows is None else (model, X_val[val_rows], y_val[val_rows])
+        projections = free_projections(trajectory, module, X, y, criterion, directions, progress=progress,
+                                       store=store, rows=rows, accumulate_bytes=max_memory - store.nbytes)
+        store.close()
     else:
         projections = torch.full((n, directions.shape[0]), float("nan"), dtype=X.dtype, device=X.device)
         projections[exact_indices] = tracker.nabla @ directions.T

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import os
 import warnings
 from dataclasses import dataclass
 from numbers import Integral, Real
@@ -35,6 +36,7 @@ from .hypergradient import free_projections
 from .scoring import SCORES
 from .data import check_features, check_labels, resolve_validation_rows, scale_mismatch, select_rows
 from .training import learning_shortfall, plan_trajectory, step_rng
+from .weight_store import parse_bytes
 
 __all__ = ["HydraLabelCleaner", "HydraSampler"]
 
@@ -103,6 +105,8 @@ class _HydraBase(BaseEstimator):
         "criterion": [nn.Module, None],
         "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
         "device": [str, torch.device],
+        "max_memory": [Interval(Integral, 1, None, closed="left"), str],
+        "spill_dir": [str, os.PathLike, None],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
     }
@@ -126,6 +130,8 @@ class _HydraBase(BaseEstimator):
         criterion: nn.Module | None = None,
         validation_fraction: float = 0.1,
         device="auto",
+        max_memory: int | str = "1GB",
+        spill_dir: str | os.PathLike | None = None,
         random_state=None,
         verbose: int = 0,
     ) -> None:
@@ -145,6 +151,8 @@ class _HydraBase(BaseEstimator):
         self.criterion = criterion
         self.validation_fraction = validation_fraction
         self.device = device
+        self.max_memory = max_memory
+        self.spill_dir = spill_dir
         self.random_state = random_state
         self.verbose = verbose
 
@@ -233,7 +241,8 @@ class _HydraBase(BaseEstimator):
         model = self.module_.to(device)
         _, G = validation_gradients(model, Xv_t, yv_t, self._criterion, rows=torch.arange(len(yv), device=device))
         # module_ supplies the architecture; the replay starts from the recorded w_0
-        P = free_projections(self.trajectory_, model, X_tr, y_tr, self._criterion, G, progress=self._progress())
+        P = free_projections(self.trajectory_, model, X_tr, y_tr, self._criterion, G, progress=self._progress(),
+                             rows=(model, Xv_t, yv_t))
         C = np.full((self.validation_mask_.size, len(yv)), np.nan)
         C[~self.validation_mask_] = contributions_from_projections(P, X_tr.shape[0]).double().cpu().numpy()
         return top_contributors(C, k)
@@ -322,6 +331,9 @@ class _HydraBase(BaseEstimator):
     def _run(self, data: _Inputs, init_seed: int, train_seed: int, feature_seed: int):
         """Train with the trajectory recorded and compute the contributions (hydraclean.contribution)."""
         device = self._resolve_device()
+        max_memory = parse_bytes(self.max_memory)
+        if self.spill_dir is not None and not os.path.isdir(self.spill_dir):
+            raise ValueError(f"spill_dir={self.spill_dir!r} is not a directory. Create it or pass spill_dir=None.")
         module = self._build_module(data.X_train.shape[1:], data.classes.size, device, init_seed)
         dtype = _floating_dtype(module)
         criterion = self._resolve_criterion()
@@ -359,6 +371,8 @@ class _HydraBase(BaseEstimator):
             val_rows=None if val_rows is None else torch.as_tensor(val_rows, device=device),
             exact_indices=None if exact_rows is None else torch.as_tensor(exact_rows, device=device),
             progress=self._progress(),
+            max_memory=max_memory,
+            spill_dir=self.spill_dir,
         )
         run = {"device_": device, "val_feature_indices_": val_rows, "_criterion": criterion,
                "_train_data": (Xt.cpu(), yt.cpu())}
@@ -613,6 +627,17 @@ class HydraLabelCleaner(TransformerMixin, _HydraBase):
         fraction of ``X`` held out as the validation set (with a warning).
     device : {"auto", "cpu", "cuda"} or torch.device, default="auto"
         "auto" trains on a GPU when there is one.
+    max_memory : int or str, default="1GB"
+        Bytes (or a string such as ``"512MB"``, ``"2GiB"``) that the training
+        run's stored weights may take on ``device``; scoring reads them
+        instead of re-running the optimizer. When every step's weights
+        (``n_steps x n_params`` values) do not fit, checkpoints every few
+        steps are kept and the steps between them recomputed, or, with
+        ``spill_dir``, the weights go to disk. What is left speeds up
+        convolution layers. ``hessian="exact"`` does not use it.
+    spill_dir : str or path-like, default=None
+        Directory for a temporary memory-mapped file of the weights when
+        they do not fit in ``max_memory`` (deleted after scoring).
     random_state : int, RandomState instance or None, default=None
         Seeds the batch order, dropout masks, a callable module's
         initialisation, the validation split, validation features and

@@ -26,14 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .gradients import (
-    PerSampleLoss,
-    directional_derivatives,
-    hessian_vector_products,
-    parameter_dict,
-    per_sample_gradients,
-)
+from .gradients import PerSampleLoss, hessian_vector_products, parameter_dict, per_sample_gradients
+from .projection import make_projector
 from .training import Progress, Trajectory, replay, step_rng
+from .weight_store import WeightStore
 
 __all__ = ["ExactTracker", "free_projections", "replay_coefficients"]
 
@@ -73,10 +69,14 @@ def free_projections(
     criterion: nn.Module,
     directions: torch.Tensor,
     progress: Progress | None = None,
+    *,
+    store: WeightStore | None = None,
+    rows: tuple[nn.Module, torch.Tensor, torch.Tensor] | None = None,
+    accumulate_bytes: int = 0,
 ) -> torch.Tensor:
     """``P[i, k] = <V_k, nabla_{T,i}>`` under the Hessian-free approximation.
 
-    Replays the trajectory once; at each step adds
+    Walks the run once; at each step adds
     ``c_t (N / b_t) <V_k, grad l_i(w_{t-1})>`` for the batch's samples.
 
     Parameters
@@ -93,24 +93,30 @@ def free_projections(
         The fixed vectors ``V_k`` (validation gradients at ``w_T``).
     progress : callable, optional
         Wraps the iterator over epochs.
+    store : WeightStore, optional
+        The run's stored weights; without it the run is replayed from ``w_0``
+        (same weights on CPU).
+    rows, accumulate_bytes
+        Passed to :func:`hydraclean.projection.make_projector`.
 
     Returns
     -------
     P : Tensor of shape (n_samples, K)
     """
-    loss = PerSampleLoss(module, criterion)
     n = trajectory.n_samples
     weights = replay_coefficients(trajectory.lrs, trajectory.momentum, trajectory.weight_decay)
     weights = weights * n / trajectory.batch_sizes()
-    out = torch.zeros(n, directions.shape[0], dtype=directions.dtype, device=directions.device)
+    projector = make_projector(module, criterion, directions, n, rows, accumulate_bytes)
 
     def on_step(model: nn.Module, t: int, idx: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor) -> None:
         with step_rng(trajectory.seeds[t], X.device):
-            d = directional_derivatives(loss, parameter_dict(model), xb, yb, directions)
-        out.index_add_(0, idx, d, alpha=float(weights[t]))
+            projector.add(model, idx, xb, yb, float(weights[t]))
 
-    replay(trajectory, module, X, y, criterion, on_step, progress=progress)
-    return out
+    if store is None:
+        replay(trajectory, module, X, y, criterion, on_step, progress=progress)
+    else:
+        store.walk(trajectory, module, X, y, criterion, on_step, progress=progress)
+    return projector.result()
 
 
 class ExactTracker:

@@ -21,6 +21,7 @@ import contextlib
 import copy
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -31,11 +32,14 @@ from .schedules import Schedule, learning_rates
 __all__ = [
     "SampleTrace",
     "Trajectory",
+    "epoch_batches",
     "evaluate_model",
     "learning_shortfall",
+    "make_optimizer",
     "plan_trajectory",
     "replay",
     "run_sgd",
+    "sgd_step",
     "step_rng",
     "train",
 ]
@@ -44,6 +48,10 @@ __all__ = [
 StepCallback = Callable[[nn.Module, int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 # progress(iterable, desc) -> iterable, e.g. a tqdm bar.
 Progress = Callable[[Iterable, str], Iterable]
+
+
+class WeightRecorder(Protocol):
+    def record(self, t: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None: ...
 
 
 @dataclass
@@ -137,9 +145,13 @@ class SampleTrace:
 @contextlib.contextmanager
 def step_rng(seed: int, device: torch.device) -> Iterator[None]:
     """Run the body under ``seed`` without disturbing the caller's RNG state."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, device_type=device.type):
-        torch.manual_seed(int(seed))
+    cuda = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if cuda else [], device_type=device.type):
+        # torch.manual_seed would also queue seeds for every uninitialised accelerator
+        # backend, formatting a stack trace each time: seed just the generators in use
+        torch.default_generator.manual_seed(int(seed))
+        if cuda:
+            torch.cuda.default_generators[device.index or torch.cuda.current_device()].manual_seed(int(seed))
         yield
 
 
@@ -154,6 +166,7 @@ def run_sgd(
     on_epoch_end: Callable[[int], None] | None = None,
     progress: Progress | None = None,
     desc: str = "training",
+    store: WeightRecorder | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, SampleTrace]:
     """Train ``model`` in place along ``trajectory``.
 
@@ -175,6 +188,9 @@ def run_sgd(
         ``progress(epochs, desc)`` wraps the iterator over epochs (a progress bar).
     desc : str
         Label for the progress bar.
+    store : object with ``record(t, model, optimizer)``, optional
+        Called before step ``t`` with the model at ``w_{t-1}`` and the
+        optimizer holding ``v_{t-1}`` (a :class:`hydraclean.weight_store.WeightStore`).
 
     Returns
     -------
@@ -194,38 +210,23 @@ def run_sgd(
     """
     model.train()
     device = X.device
-    optimizer = torch.optim.SGD(
-        model.parameters(),
-        lr=float(trajectory.lrs[0]),
-        momentum=trajectory.momentum,
-        weight_decay=trajectory.weight_decay,
-    )
+    optimizer = make_optimizer(model, trajectory)
     step_loss = torch.empty(trajectory.n_steps, dtype=X.dtype, device=device)
     step_correct = torch.empty(trajectory.n_steps, dtype=torch.int64, device=device)
     sample_loss = torch.zeros(trajectory.n_samples, dtype=X.dtype, device=device)
     sample_proba = None
     steps_per_epoch = -(-trajectory.n_samples // trajectory.batch_size)
     epochs = range(trajectory.order.shape[0])
+    order = torch.as_tensor(trajectory.order, device=device)  # one copy, no transfer per step
     for epoch in progress(epochs, desc) if progress else epochs:
         first = epoch * steps_per_epoch
-        for t in range(first, first + steps_per_epoch):
-            start = (t - first) * trajectory.batch_size
-            idx = torch.as_tensor(
-                trajectory.order[epoch, start : start + trajectory.batch_size],
-                device=device,
-            )
+        for t, idx in epoch_batches(trajectory, order, epoch):
             xb, yb = X[idx], y[idx]
             if on_step is not None:
                 on_step(model, t, idx, xb, yb)
-            for group in optimizer.param_groups:
-                group["lr"] = float(trajectory.lrs[t])
-            with step_rng(trajectory.seeds[t], device):
-                logits = model(xb)
-            losses = criterion(logits, yb)
-            loss = losses.mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            if store is not None:
+                store.record(t, model, optimizer)
+            logits, losses, loss = sgd_step(model, optimizer, criterion, trajectory, t, xb, yb)
             sample_loss.index_add_(0, idx, losses.detach())
             if sample_proba is None:
                 sample_proba = logits.new_zeros(trajectory.n_samples, logits.shape[1])
@@ -237,6 +238,49 @@ def run_sgd(
             on_epoch_end(epoch)
     n_epochs = trajectory.order.shape[0]
     return step_loss, step_correct, SampleTrace(sample_loss / n_epochs, sample_proba / n_epochs)
+
+
+def make_optimizer(model: nn.Module, trajectory: Trajectory) -> torch.optim.SGD:
+    """The ``torch.optim.SGD`` that :func:`run_sgd` steps with (learning rate set per step)."""
+    return torch.optim.SGD(
+        model.parameters(),
+        lr=float(trajectory.lrs[0]),
+        momentum=trajectory.momentum,
+        weight_decay=trajectory.weight_decay,
+    )
+
+
+def epoch_batches(trajectory: Trajectory, order: torch.Tensor, epoch: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(t, indices)`` of every step of ``epoch``; ``order`` is ``trajectory.order`` on the device."""
+    bs = trajectory.batch_size
+    steps_per_epoch = -(-trajectory.n_samples // bs)
+    for k in range(steps_per_epoch):
+        yield epoch * steps_per_epoch + k, order[epoch, k * bs : (k + 1) * bs]
+
+
+def sgd_step(
+    model: nn.Module,
+    optimizer: torch.optim.SGD,
+    criterion: nn.Module,
+    trajectory: Trajectory,
+    t: int,
+    xb: torch.Tensor,
+    yb: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Step ``t`` of the run: forward under the step's seed, backward, update.
+
+    Returns the logits, the per-sample losses and their mean (not detached).
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = float(trajectory.lrs[t])
+    with step_rng(trajectory.seeds[t], xb.device):
+        logits = model(xb)
+    losses = criterion(logits, yb)
+    loss = losses.mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return logits, losses, loss
 
 
 def _check_finite(losses: torch.Tensor, epoch: int, first: int, trajectory: Trajectory) -> None:
@@ -260,6 +304,7 @@ def train(
     on_step: StepCallback | None = None,
     validation: tuple[torch.Tensor, torch.Tensor] | None = None,
     progress: Progress | None = None,
+    store: WeightRecorder | None = None,
 ) -> tuple[nn.Module, dict[str, list[float]], SampleTrace]:
     """Train a copy of ``module`` along ``trajectory`` and record ``w_0``.
 
@@ -267,7 +312,7 @@ def train(
     ----------
     module : nn.Module
         Untouched; its weights are ``w_0``. Must already be on ``X.device``.
-    X, y, criterion, trajectory, on_step, progress
+    X, y, criterion, trajectory, on_step, progress, store
         As in :func:`run_sgd`.
     validation : (X_val, y_val), optional
         Evaluated in eval mode after every epoch for the history.
@@ -295,7 +340,7 @@ def train(
         model.train()
 
     step_loss, step_correct, trace = run_sgd(
-        model, X, y, criterion, trajectory, on_step=on_step, on_epoch_end=evaluate, progress=progress
+        model, X, y, criterion, trajectory, on_step=on_step, on_epoch_end=evaluate, progress=progress, store=store
     )
     sizes = torch.as_tensor(trajectory.batch_sizes(), device=X.device)
     n_epochs = trajectory.order.shape[0]

@@ -159,3 +159,58 @@ def tiny_bn_cnn(n_classes=3, seed=0, track_running_stats=True):
         nn.Dropout(0.3),
         nn.Linear(3 * 3 * 3, n_classes),
     ).double()
+
+
+def tiny_conv_net(n_classes=3, seed=0):
+    """Convolutions (strided, dilated, padded), in-place ReLU, dropout and linear layers; no BatchNorm."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(2, 3, 3, stride=2, dilation=1),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Dropout(0.3),
+        nn.Linear(3 * 2 * 2, 4),
+        nn.ReLU(inplace=True),
+        nn.Linear(4, n_classes),
+    ).double()
+
+
+class PositionsNet(nn.Module):
+    """A Linear layer applied at every position (input (b, P, d)), then a mean and a classifier."""
+
+    def __init__(self, d_in=3, n_classes=3, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = nn.Linear(d_in, 4)
+        self.head = nn.Linear(4, n_classes, bias=False)
+        self.double()
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.embed(x)).mean(1))
+
+
+class SharedLayerNet(nn.Module):
+    """One Linear layer called twice in a forward pass (shared weights)."""
+
+    def __init__(self, d=3, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.shared = nn.Linear(d, d)
+        self.double()
+
+    def forward(self, x):
+        return self.shared(torch.tanh(self.shared(x)))
+
+
+def eval_per_sample_grads(module, w, X, y, criterion):
+    """(n, |w|) gradients of each sample's loss in eval mode, one backward pass each."""
+    module.eval()
+    rows = []
+    for k in range(X.shape[0]):
+        wr = w.detach().clone().requires_grad_(True)
+        loss = criterion(functional_call(module, split(wr, module), (X[k : k + 1],)), y[k : k + 1]).sum()
+        rows.append(torch.autograd.grad(loss, wr)[0])
+    module.train()
+    return torch.stack(rows)

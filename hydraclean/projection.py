@@ -1,0 +1,288 @@
+"""Per-step directional derivatives ``<V_k, grad l_i(w)>``, accumulated over a run.
+
+Scoring adds, at every step ``t`` and for the step's samples ``i``,
+``weight_t * <V_k, grad l_i(w_{t-1})>`` into an (N, K) result. Two projectors
+do that, with the same numbers up to rounding:
+
+:class:`FunctionalProjector` works for any module (``torch.func``): one
+forward-mode JVP for one direction, else per-sample gradients times the
+directions, a (b x n_params) by (n_params x K) product every step.
+
+:class:`LayerFactorProjector` serves models whose trainable parameters all sit
+in ``nn.Linear`` and ``nn.Conv2d`` layers and whose samples do not interact
+(no BatchNorm). One forward pass records each layer's input ``a_i`` and one
+backward pass to the layer outputs gives ``delta_i = d l_i / d out``; then a
+sample's gradient is ``delta_i a_i'`` (summed over positions) and per layer:
+
+- Linear, a dense direction ``V``: ``<V, delta_i a_i'> = delta_i' V a_i``,
+  ``b K out in`` multiply-adds, with nothing of size b x n_params formed.
+- Linear, a direction that is itself one validation sample's gradient
+  ``delta_j a_j'`` (the rows of ``C(i, j)``): the "ghost" product
+  ``(delta_i . delta_j)(a_i . a_j + 1)``, ``b K (in + out)`` instead of
+  ``b K in out`` (520 against 48,000 per pair for LeNet-5's first fully
+  connected layer).
+- Conv2d: convolutions share weights over positions, so the per-sample
+  gradient is formed (one grouped convolution, ``b out in k^2 P``) and kept: either summed into each sample's hypergradient restricted to the
+  convolutions (an N x p_conv buffer, when the memory budget holds it; one
+  product with the directions at the end), or multiplied by the directions
+  every step.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from .gradients import PerSampleLoss, directional_derivatives, parameter_dict
+
+__all__ = ["FunctionalProjector", "LayerFactorProjector", "make_projector", "supports_layer_factors"]
+
+
+def supports_layer_factors(module: nn.Module) -> bool:
+    """Whether :class:`LayerFactorProjector` can serve ``module``.
+
+    True when no BatchNorm couples the samples and every trainable parameter
+    is the weight or bias of an ``nn.Linear`` or of an ``nn.Conv2d`` with
+    ``groups=1``, zero padding given as numbers. (A layer called twice in one
+    forward pass is detected at the first step, which then falls back.)
+    """
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            return False
+        own = [p for p in m.parameters(recurse=False) if p.requires_grad]
+        if not own:
+            continue
+        if isinstance(m, nn.Conv2d):
+            if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
+                return False
+        elif not isinstance(m, nn.Linear):
+            return False
+    return True
+
+
+class FunctionalProjector:
+    """Directional derivatives with ``torch.func``, for any module.
+
+    Parameters
+    ----------
+    module : nn.Module
+        The architecture.
+    criterion : nn.Module
+        Per-sample loss, ``reduction="none"``.
+    directions : Tensor of shape (K, n_params)
+    n_samples : int
+        ``N``, rows of the result.
+    """
+
+    def __init__(self, module: nn.Module, criterion: nn.Module, directions: torch.Tensor, n_samples: int) -> None:
+        self.loss = PerSampleLoss(module, criterion)
+        self.directions = directions
+        self.out = directions.new_zeros(n_samples, directions.shape[0])
+
+    def add(self, model: nn.Module, idx: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor, weight: float) -> None:
+        """``out[idx] += weight * <V, grad l_i(w)>`` at the weights ``model`` holds."""
+        d = directional_derivatives(self.loss, parameter_dict(model), xb, yb, self.directions)
+        self.out.index_add_(0, idx, d, alpha=weight)
+
+    def result(self) -> torch.Tensor:
+        """The accumulated (N, K) projections."""
+        return self.out
+
+
+class LayerFactorProjector:
+    """Directional derivatives from layer inputs and output gradients (Linear and Conv2d models).
+
+    Parameters
+    ----------
+    module : nn.Module
+        The architecture (see :func:`supports_layer_factors`).
+    criterion : nn.Module
+        Per-sample loss, ``reduction="none"``.
+    directions : Tensor of shape (K, n_params)
+    n_samples : int
+        ``N``, rows of the result.
+    rows : (model, X_rows, y_rows), optional
+        When the last ``len(X_rows)`` directions are the eval-mode gradients of
+        these validation samples at ``model``'s weights, their Linear parts use
+        ghost products.
+    accumulate_bytes : int, default=0
+        Memory allowed for the N x p_conv buffer of convolution hypergradients;
+        when it does not fit, the convolution gradients are projected every step.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        criterion: nn.Module,
+        directions: torch.Tensor,
+        n_samples: int,
+        rows: tuple[nn.Module, torch.Tensor, torch.Tensor] | None = None,
+        accumulate_bytes: int = 0,
+    ) -> None:
+        self.module = copy.deepcopy(module).train()
+        self.criterion = criterion
+        self.directions = directions
+        self.out = directions.new_zeros(n_samples, directions.shape[0])
+        self.fallback: FunctionalProjector | None = None
+        self._fallback_args = (module, criterion, directions, n_samples)
+        self.layers = _trainable_layers(self.module)
+        # columns of each layer's weight and bias in the flat parameter vector
+        offsets, start = {}, 0
+        for p in self.module.parameters():
+            if p.requires_grad:
+                offsets[id(p)] = (start, start + p.numel())
+                start += p.numel()
+        self.columns = {m: [offsets[id(p)] for p in (m.weight, m.bias) if p is not None and p.requires_grad]
+                        for m in self.layers}
+        self.n_rows = 0 if rows is None else rows[1].shape[0]
+        self.n_dense = directions.shape[0] - self.n_rows
+        self._captured: dict[nn.Module, list] = {}
+        evaluator = copy.deepcopy(self.module).eval()  # before any hook: the hooks refer to self
+        for m, m_eval in zip(self.layers, _trainable_layers(evaluator)):
+            m.register_forward_hook(functools.partial(self._capture, m))
+            m_eval.register_forward_hook(functools.partial(self._capture, m))
+        self.row_factors = self._row_factors(evaluator, *rows) if rows is not None else {}
+        # each Linear layer's block of the dense directions (all directions without ghost rows), contiguous
+        self.linear_directions = {}
+        for m in self.layers:
+            if isinstance(m, nn.Linear):
+                (w0, w1), *bias = self.columns[m]
+                k = self.n_dense if m in self.row_factors else directions.shape[0]
+                self.linear_directions[m] = (
+                    directions[:k, w0:w1].reshape(k * m.out_features, m.in_features).contiguous(),
+                    directions[:k, bias[0][0] : bias[0][1]].contiguous() if bias else None,
+                )
+        convs = [m for m in self.layers if isinstance(m, nn.Conv2d)]
+        conv_cols = [torch.arange(a, b, device=directions.device) for m in convs for a, b in self.columns[m]]
+        self.conv_columns = torch.cat(conv_cols) if conv_cols else None
+        self.conv_directions = None if self.conv_columns is None else directions[:, self.conv_columns]
+        p_conv = 0 if self.conv_columns is None else len(self.conv_columns)
+        self.conv_sum = None
+        if p_conv and n_samples * p_conv * directions.element_size() <= accumulate_bytes:
+            self.conv_sum = directions.new_zeros(n_samples, p_conv)
+
+    def _capture(self, key: nn.Module, m: nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor:
+        if not out.requires_grad:
+            out.requires_grad_()
+        self._captured.setdefault(key, []).append((inputs[0].detach(), out))
+        return out.clone()  # later in-place ops must not touch the tensor whose gradient is taken
+
+    def _factors(self, module: nn.Module, params: dict, xb: torch.Tensor, yb: torch.Tensor):
+        """``(a, delta)`` of every layer for the batch, or None when a layer ran other than once."""
+        self._captured = {}
+        with torch.enable_grad():
+            losses = self.criterion(functional_call(module, params, (xb,)), yb)
+            if any(len(self._captured.get(m, ())) != 1 for m in self.layers):
+                self._captured = {}
+                return None
+            inputs = [self._captured[m][0][0] for m in self.layers]
+            outs = [self._captured[m][0][1] for m in self.layers]
+            self._captured = {}
+            deltas = torch.autograd.grad(losses.sum(), outs, allow_unused=True)
+        return {m: (a, torch.zeros_like(o) if d is None else d) for m, a, o, d in zip(self.layers, inputs, outs, deltas)}
+
+    def _row_factors(self, evaluator: nn.Module, model: nn.Module, X_rows: torch.Tensor, y_rows: torch.Tensor,
+                     batch_size: int = 256) -> dict:
+        """Eval-mode ``(a_j, delta_j)`` at ``model``'s weights of the Linear layers with 2-D inputs."""
+        params = parameter_dict(model)
+        parts: dict[nn.Module, list] = {}
+        for start in range(0, X_rows.shape[0], batch_size):
+            factors = self._factors(evaluator, params, X_rows[start : start + batch_size],
+                                    y_rows[start : start + batch_size])
+            if factors is None:
+                return {}
+            for m, (a, delta) in factors.items():
+                if isinstance(m, nn.Linear) and a.dim() == 2:
+                    parts.setdefault(m, []).append((a, delta))
+        return {m: (torch.cat([a for a, _ in v]), torch.cat([d for _, d in v])) for m, v in parts.items()}
+
+    def add(self, model: nn.Module, idx: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor, weight: float) -> None:
+        """``out[idx] += weight * <V, grad l_i(w)>`` at the weights ``model`` holds."""
+        if self.fallback is None:
+            factors = self._factors(self.module, parameter_dict(model), xb, yb)
+            if factors is None:  # a layer ran twice (shared weights): per-sample products are not rank one
+                self.fallback = FunctionalProjector(*self._fallback_args)
+        if self.fallback is not None:
+            self.fallback.add(model, idx, xb, yb, weight)
+            return
+        d = xb.new_zeros(xb.shape[0], self.out.shape[1], dtype=self.out.dtype)
+        conv_grads = []
+        for m in self.layers:
+            a, delta = factors[m]
+            if isinstance(m, nn.Linear):
+                self._linear(m, a, delta, d)
+            else:
+                conv_grads.append(_conv_sample_gradients(m, a, delta))
+        if conv_grads:
+            g = torch.cat(conv_grads, dim=1)
+            if self.conv_sum is not None:
+                self.conv_sum.index_add_(0, idx, g, alpha=weight)
+            else:
+                d += g @ self.conv_directions.T
+        self.out.index_add_(0, idx, d, alpha=weight)
+
+    def _linear(self, m: nn.Linear, a: torch.Tensor, delta: torch.Tensor, d: torch.Tensor) -> None:
+        b = a.shape[0]
+        a, delta = a.reshape(b, -1, a.shape[-1]), delta.reshape(b, -1, delta.shape[-1])
+        weight, bias = self.linear_directions[m]
+        dense = slice(0, weight.shape[0] // m.out_features)
+        z = (a @ weight.T).reshape(b, a.shape[1], -1, m.out_features)
+        d[:, dense] += torch.einsum("bpo,bpko->bk", delta, z)
+        if bias is not None:
+            d[:, dense] += delta.sum(1) @ bias.T
+        if m in self.row_factors:
+            a_rows, delta_rows = self.row_factors[m]
+            inputs = a[:, 0] @ a_rows.T
+            if bias is not None:
+                inputs += 1.0
+            d[:, self.n_dense :] += (delta[:, 0] @ delta_rows.T) * inputs
+
+    def result(self) -> torch.Tensor:
+        """The accumulated (N, K) projections."""
+        if self.fallback is not None:
+            return self.out + self.fallback.result()
+        if self.conv_sum is not None:
+            return self.out + self.conv_sum @ self.conv_directions.T
+        return self.out
+
+
+def _trainable_layers(module: nn.Module) -> list[nn.Module]:
+    return [m for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+            and any(p.requires_grad for p in m.parameters(recurse=False))]
+
+
+def _conv_sample_gradients(m: nn.Conv2d, a: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Per-sample gradients of a Conv2d's weight and bias, shape (b, p_layer).
+
+    Sample ``i``'s weight gradient correlates its input with its output
+    gradient; one grouped convolution (a group per sample, stride and
+    dilation exchanged) does all samples at once, without unfolding the input.
+    """
+    b, c = a.shape[:2]
+    o, (kh, kw) = m.out_channels, m.kernel_size
+    grad = F.conv2d(a.transpose(0, 1), delta.reshape(b * o, 1, *delta.shape[2:]),
+                    stride=m.dilation, padding=m.padding, dilation=m.stride, groups=b)
+    grad = grad[:, :, :kh, :kw].reshape(c, b, o, kh, kw).permute(1, 2, 0, 3, 4)
+    parts = [grad.reshape(b, -1)]
+    if m.bias is not None and m.bias.requires_grad:
+        parts.append(delta.sum((2, 3)))
+    return torch.cat(parts, dim=1)
+
+
+def make_projector(
+    module: nn.Module,
+    criterion: nn.Module,
+    directions: torch.Tensor,
+    n_samples: int,
+    rows: tuple[nn.Module, torch.Tensor, torch.Tensor] | None = None,
+    accumulate_bytes: int = 0,
+) -> FunctionalProjector | LayerFactorProjector:
+    """:class:`LayerFactorProjector` where it applies, else :class:`FunctionalProjector`."""
+    if supports_layer_factors(module):
+        return LayerFactorProjector(module, criterion, directions, n_samples, rows, accumulate_bytes)
+    return FunctionalProjector(module, criterion, directions, n_samples)
