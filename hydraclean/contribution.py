@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from .gradients import class_validation_gradients, validation_gradients
-from .hypergradient import ExactTracker, free_projections
+from .hypergradient import ExactTracker, free_projections, replay_coefficients
+from .projection import LayerFactorProjector, TrainingFactors
 from .training import Progress, Trajectory, train
 from .weight_store import WeightStore
 
@@ -149,27 +150,40 @@ def fit_contributions(
         When ``max_memory`` cannot hold one checkpoint and there is no ``spill_dir``.
     """
     n = X.shape[0]
-    tracker = store = None
+    tracker = store = factors = None
     if hessian == "free":
-        store = WeightStore(module, trajectory.n_steps, max_memory, spill_dir)
+        coefficients = replay_coefficients(trajectory.lrs, trajectory.momentum, trajectory.weight_decay)
+        coefficients = coefficients * n / trajectory.batch_sizes()
+        factors = TrainingFactors.plan(module, X[:2], trajectory, coefficients, max_memory)
+        if factors is None:
+            store = WeightStore(module, trajectory.n_steps, max_memory, spill_dir)
     else:
         if exact_indices is None:
             exact_indices = torch.arange(n, device=X.device)
         tracker = ExactTracker(module, criterion, trajectory, exact_indices, chunk_size=chunk_size)
     model, history, trace = train(
         module, X, y, criterion, trajectory, on_step=tracker, validation=(X_val, y_val), progress=progress,
-        store=store,
+        store=factors or store,
     )
+    if factors is not None:
+        factors.detach()
     if n_classes is None:
         n_classes = int(max(y.max(), y_val.max())) + 1
-    mean_grad, rows_grad = validation_gradients(model, X_val, y_val, criterion, rows=val_rows)
     class_grads = class_validation_gradients(model, X_val, y_val, criterion, n_classes)
     present = torch.isfinite(class_grads).all(1)
-    # one set of directions for one replay: [mean, classes with validation samples, rows]
-    parts = [mean_grad.unsqueeze(0), class_grads[present]] + ([] if rows_grad is None else [rows_grad])
-    directions = torch.cat(parts)
-    if tracker is None:
-        rows = None if val_rows is None else (model, X_val[val_rows], y_val[val_rows])
+    n_present = int(present.sum())
+    # one set of directions for one pass: [mean, classes with validation samples, rows], filled in place
+    n_rows = 0 if val_rows is None else len(val_rows)
+    directions = class_grads.new_empty(1 + n_present + n_rows, class_grads.shape[1])
+    directions[1 : 1 + n_present] = class_grads[present]
+    del class_grads
+    mean_grad, _ = validation_gradients(model, X_val, y_val, criterion, rows=val_rows,
+                                        out=directions[1 + n_present :] if n_rows else None)
+    directions[0] = mean_grad
+    rows = None if val_rows is None else (model, X_val[val_rows], y_val[val_rows])
+    if factors is not None:
+        projections = factors.project(LayerFactorProjector(module, criterion, directions, n, rows))
+    elif store is not None:
         projections = free_projections(trajectory, module, X, y, criterion, directions, progress=progress,
                                        store=store, rows=rows, accumulate_bytes=max_memory - store.nbytes)
         store.close()
@@ -177,10 +191,9 @@ def fit_contributions(
         projections = torch.full((n, directions.shape[0]), float("nan"), dtype=X.dtype, device=X.device)
         projections[exact_indices] = tracker.nabla @ directions.T
     scores = contributions_from_projections(projections, n).double().cpu().numpy()
-    n_present = int(present.sum())
     by_class = np.full((n, n_classes), np.nan)
     by_class[:, present.cpu().numpy()] = scores[:, 1 : 1 + n_present]
-    matrix = scores[:, 1 + n_present :] if rows_grad is not None else None
+    matrix = scores[:, 1 + n_present :] if n_rows else None
     return HydraResult(model, history, trajectory, scores[:, 0].copy(), by_class, matrix,
                        trace.loss.double().cpu().numpy(), trace.proba.double().cpu().numpy())
 

@@ -196,6 +196,7 @@ def validation_gradients(
     criterion: nn.Module,
     rows: torch.Tensor | None = None,
     batch_size: int = 256,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gradients of the validation loss at the model's weights, in eval mode.
 
@@ -211,6 +212,8 @@ def validation_gradients(
         Validation samples ``j`` whose own gradients ``G_j`` are wanted.
     batch_size : int
         Samples per vectorised call.
+    out : Tensor of shape (len(rows), n_params), optional
+        Where to write ``G``.
 
     Returns
     -------
@@ -225,7 +228,10 @@ def validation_gradients(
         total += flatten(grad(batch_loss)(params, X[start : start + batch_size], y[start : start + batch_size]))
     per_sample = None
     if rows is not None:
-        per_sample = torch.cat([per_sample_grad(params, X[r], y[r]) for r in torch.split(rows, batch_size)])
+        per_sample = total.new_empty(len(rows), total.shape[0]) if out is None else out
+        for start in range(0, len(rows), batch_size):  # written in place: no list and no copy of (rows, n_params)
+            r = rows[start : start + batch_size]
+            per_sample[start : start + len(r)] = per_sample_grad(params, X[r], y[r])
     return total / X.shape[0], per_sample
 
 

@@ -33,14 +33,22 @@ from __future__ import annotations
 import copy
 import functools
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
 from .gradients import PerSampleLoss, directional_derivatives, parameter_dict
+from .training import Trajectory
 
-__all__ = ["FunctionalProjector", "LayerFactorProjector", "make_projector", "supports_layer_factors"]
+__all__ = [
+    "FunctionalProjector",
+    "LayerFactorProjector",
+    "TrainingFactors",
+    "make_projector",
+    "supports_layer_factors",
+]
 
 
 def supports_layer_factors(module: nn.Module) -> bool:
@@ -215,7 +223,7 @@ class LayerFactorProjector:
         for m in self.layers:
             a, delta = factors[m]
             if isinstance(m, nn.Linear):
-                self._linear(m, a, delta, d)
+                self.add_linear(m, a, delta, d)
             else:
                 conv_grads.append(_conv_sample_gradients(m, a, delta))
         if conv_grads:
@@ -226,7 +234,8 @@ class LayerFactorProjector:
                 d += g @ self.conv_directions.T
         self.out.index_add_(0, idx, d, alpha=weight)
 
-    def _linear(self, m: nn.Linear, a: torch.Tensor, delta: torch.Tensor, d: torch.Tensor) -> None:
+    def add_linear(self, m: nn.Linear, a: torch.Tensor, delta: torch.Tensor, d: torch.Tensor) -> None:
+        """``d += <V, delta_i a_i'>`` for a Linear layer's inputs ``a`` and output gradients ``delta``."""
         b = a.shape[0]
         a, delta = a.reshape(b, -1, a.shape[-1]), delta.reshape(b, -1, delta.shape[-1])
         weight, bias = self.linear_directions[m]
@@ -249,6 +258,147 @@ class LayerFactorProjector:
         if self.conv_sum is not None:
             return self.out + self.conv_sum @ self.conv_directions.T
         return self.out
+
+
+class TrainingFactors:
+    """Layer factors kept from the training run's own steps: scoring then needs no second pass.
+
+    The training step's forward and backward already compute every layer's
+    input ``a_i`` and the gradient of the batch's mean loss with respect to
+    its output, ``delta_i / b_t``. Hooks on the training model keep them:
+
+    - Conv2d: the per-sample gradients are formed at once and summed with the
+      step's coefficient into each sample's hypergradient restricted to the
+      convolutions, ``sum_t c_t (N / b_t) grad_conv l_i(w_{t-1})`` (N x p_conv);
+    - Linear (2-D inputs): ``a_i`` and ``c_t (N / b_t) delta_i`` of every sample
+      and step, ``n_epochs N (in + out)`` values.
+
+    :meth:`project` then gives ``<V_k, nabla_{T,i}>`` for any directions from
+    these alone. Build with :meth:`plan`; pass as ``store`` to
+    :func:`hydraclean.training.train`.
+
+    Attributes
+    ----------
+    nbytes : int
+        Memory held.
+    """
+
+    def __init__(self, shapes: dict[int, tuple], trajectory: Trajectory, coefficients: np.ndarray,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.shapes = shapes  # layer position -> ("linear", in, out) or ("conv", p_layer)
+        self.coefficients = coefficients
+        self.batch_sizes = trajectory.batch_sizes()
+        self.starts = np.concatenate([[0], np.cumsum(self.batch_sizes)[:-1]])
+        n, rows = trajectory.n_samples, int(self.batch_sizes.sum())
+        p_conv = sum(v[1] for v in shapes.values() if v[0] == "conv")
+        self.conv_sum = torch.zeros(n, p_conv, dtype=dtype, device=device) if p_conv else None
+        self.inputs = {k: torch.empty(rows, v[1], dtype=dtype, device=device)
+                       for k, v in shapes.items() if v[0] == "linear"}
+        self.deltas = {k: torch.empty(rows, v[2], dtype=dtype, device=device)
+                       for k, v in shapes.items() if v[0] == "linear"}
+        self.index = torch.empty(rows, dtype=torch.long, device=device)
+        self.nbytes = sum(t.nbytes for t in [*self.inputs.values(), *self.deltas.values(), self.index]) + (
+            0 if self.conv_sum is None else self.conv_sum.nbytes)
+        self._handles: list = []
+        self._layers: list[nn.Module] = []
+        self._captured: dict[int, list] = {}
+
+    @classmethod
+    def plan(cls, module: nn.Module, x_probe: torch.Tensor, trajectory: Trajectory, coefficients: np.ndarray,
+             max_memory: int) -> TrainingFactors | None:
+        """The recorder for ``module`` when it applies and fits in ``max_memory``, else None.
+
+        ``x_probe`` (a couple of training inputs) goes through a copy of the
+        module once to check that every layer runs once with 2-D inputs to
+        its Linear layers, and to size the buffers.
+        """
+        if not supports_layer_factors(module):
+            return None
+        probe = copy.deepcopy(module).eval()
+        layers = _trainable_layers(probe)
+        seen: dict[int, list] = {}
+        handles = [m.register_forward_hook(functools.partial(_note_input, seen, k)) for k, m in enumerate(layers)]
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            probe(x_probe)
+        for h in handles:
+            h.remove()
+        shapes = {}
+        for k, m in enumerate(layers):
+            if len(seen.get(k, ())) != 1:
+                return None
+            if isinstance(m, nn.Linear):
+                if seen[k][0] != 2:
+                    return None
+                shapes[k] = ("linear", m.in_features, m.out_features)
+            else:
+                shapes[k] = ("conv", sum(p.numel() for p in m.parameters(recurse=False) if p.requires_grad))
+        ref = next(p for p in module.parameters() if p.requires_grad)
+        item = ref.element_size()
+        rows, n = trajectory.order.size, trajectory.n_samples
+        need = sum(n * v[1] if v[0] == "conv" else rows * (v[1] + v[2]) for v in shapes.values()) * item + rows * 8
+        if need > max_memory:
+            return None
+        return cls(shapes, trajectory, coefficients, ref.dtype, ref.device)
+
+    def before_step(self, t: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Hook the training model's layers (at the first step)."""
+        if not self._handles:
+            self._layers = _trainable_layers(model)
+            for k, m in enumerate(self._layers):
+                self._handles.append(m.register_forward_hook(functools.partial(self._capture, k)))
+
+    def _capture(self, k: int, m: nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor | None:
+        if not out.requires_grad:  # an evaluation pass between epochs, not a training step
+            return None
+        entry = [inputs[0].detach(), None]
+        out.register_hook(functools.partial(_set_gradient, entry))
+        self._captured[k] = entry
+        return out.clone()  # the hooked tensor stays as computed whatever later in-place ops do
+
+    def after_step(self, t: int, idx: torch.Tensor) -> None:
+        """Keep the step's factors: the gradients of its mean loss times ``b_t c_t N / b_t``."""
+        b, start = int(self.batch_sizes[t]), int(self.starts[t])
+        weight = float(self.coefficients[t]) * b  # c_t (N / b_t) times b_t: the mean loss's gradient is delta / b
+        conv = []
+        for k, (kind, *_) in self.shapes.items():
+            a, g = self._captured[k]
+            if kind == "conv":
+                conv.append(_conv_sample_gradients(self._layers[k], a, g))
+            else:
+                self.inputs[k][start : start + b] = a
+                torch.mul(g, weight, out=self.deltas[k][start : start + b])
+        if conv:
+            self.conv_sum.index_add_(0, idx, torch.cat(conv, dim=1), alpha=weight)
+        self.index[start : start + b] = idx
+        self._captured = {}
+
+    def detach(self) -> None:
+        """Remove the hooks from the training model."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def project(self, projector: LayerFactorProjector, chunk: int = 8192) -> torch.Tensor:
+        """``P[i, k] = <V_k, nabla_{T,i}>`` for the projector's directions, shape (N, K)."""
+        out = torch.zeros_like(projector.out)
+        linear = [(k, projector.layers[k]) for k, v in self.shapes.items() if v[0] == "linear"]
+        for start in range(0, self.index.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            d = out.new_zeros(self.index[rows].shape[0], out.shape[1])
+            for k, m in linear:
+                projector.add_linear(m, self.inputs[k][rows], self.deltas[k][rows], d)
+            out.index_add_(0, self.index[rows], d)
+        if self.conv_sum is not None:
+            out += self.conv_sum @ projector.conv_directions.T
+        return out
+
+
+def _note_input(seen: dict, k: int, m: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
+    seen.setdefault(k, []).append(inputs[0].dim())
+
+
+def _set_gradient(entry: list, grad: torch.Tensor) -> None:
+    entry[1] = grad
 
 
 def _trainable_layers(module: nn.Module) -> list[nn.Module]:

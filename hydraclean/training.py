@@ -50,8 +50,12 @@ StepCallback = Callable[[nn.Module, int, torch.Tensor, torch.Tensor, torch.Tenso
 Progress = Callable[[Iterable, str], Iterable]
 
 
-class WeightRecorder(Protocol):
-    def record(self, t: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None: ...
+class Recorder(Protocol):
+    """Keeps what scoring needs from the training run (weights, or layer factors)."""
+
+    def before_step(self, t: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None: ...
+
+    def after_step(self, t: int, idx: torch.Tensor) -> None: ...
 
 
 @dataclass
@@ -166,7 +170,7 @@ def run_sgd(
     on_epoch_end: Callable[[int], None] | None = None,
     progress: Progress | None = None,
     desc: str = "training",
-    store: WeightRecorder | None = None,
+    store: Recorder | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, SampleTrace]:
     """Train ``model`` in place along ``trajectory``.
 
@@ -188,9 +192,12 @@ def run_sgd(
         ``progress(epochs, desc)`` wraps the iterator over epochs (a progress bar).
     desc : str
         Label for the progress bar.
-    store : object with ``record(t, model, optimizer)``, optional
-        Called before step ``t`` with the model at ``w_{t-1}`` and the
-        optimizer holding ``v_{t-1}`` (a :class:`hydraclean.weight_store.WeightStore`).
+    store : Recorder, optional
+        ``store.before_step(t, model, optimizer)`` runs before step ``t`` with
+        the model at ``w_{t-1}`` and the optimizer holding ``v_{t-1}``,
+        ``store.after_step(t, idx)`` after its update
+        (:class:`hydraclean.weight_store.WeightStore`,
+        :class:`hydraclean.projection.TrainingFactors`).
 
     Returns
     -------
@@ -225,8 +232,10 @@ def run_sgd(
             if on_step is not None:
                 on_step(model, t, idx, xb, yb)
             if store is not None:
-                store.record(t, model, optimizer)
+                store.before_step(t, model, optimizer)
             logits, losses, loss = sgd_step(model, optimizer, criterion, trajectory, t, xb, yb)
+            if store is not None:
+                store.after_step(t, idx)
             sample_loss.index_add_(0, idx, losses.detach())
             if sample_proba is None:
                 sample_proba = logits.new_zeros(trajectory.n_samples, logits.shape[1])
@@ -304,7 +313,7 @@ def train(
     on_step: StepCallback | None = None,
     validation: tuple[torch.Tensor, torch.Tensor] | None = None,
     progress: Progress | None = None,
-    store: WeightRecorder | None = None,
+    store: Recorder | None = None,
 ) -> tuple[nn.Module, dict[str, list[float]], SampleTrace]:
     """Train a copy of ``module`` along ``trajectory`` and record ``w_0``.
 

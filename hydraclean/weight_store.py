@@ -4,8 +4,8 @@ Scoring needs ``w_{t-1}`` at every step (DESIGN.md §6). Recomputing them by
 running the optimizer again costs a whole training run, and on a GPU, where
 some kernels are not deterministic, it visits weights that drift from the
 recorded ones. A :class:`WeightStore` is filled by the training run itself
-(:func:`hydraclean.training.run_sgd` calls :meth:`WeightStore.record` before each
-step) and later hands back the exact weights (:meth:`WeightStore.walk`):
+(:func:`hydraclean.training.run_sgd` calls :meth:`WeightStore.before_step`
+before each step) and later hands back the exact weights (:meth:`WeightStore.walk`):
 
 - everything fits in ``max_memory``: ``w_{t-1}`` of every step, on the model's
   device; scoring never touches the optimizer;
@@ -117,7 +117,7 @@ class WeightStore:
             self._momentum = torch.zeros_like(self._weights)
         self.nbytes = self._weights.nbytes + (0 if self._momentum is None else self._momentum.nbytes)
 
-    def record(self, t: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def before_step(self, t: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Keep ``w_{t-1}`` (and ``v_{t-1}`` at a checkpoint); called by the training loop before step ``t``."""
         if t % self.interval:
             return
@@ -133,6 +133,9 @@ class WeightStore:
                 bufs = [optimizer.state[p]["momentum_buffer"] for p in params] if optimizer.defaults["momentum"] else []
                 if bufs:
                     self._momentum[k].copy_(torch.cat([b.reshape(-1) for b in bufs]))
+
+    def after_step(self, t: int, idx: torch.Tensor) -> None:
+        """Nothing to keep after a step."""
 
     def _load(self, t: int, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
         if self.location == "disk":

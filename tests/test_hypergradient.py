@@ -7,6 +7,7 @@ from torch import nn
 
 from hydraclean.contribution import fit_contributions
 from hydraclean.hypergradient import ExactTracker, replay_coefficients
+from hydraclean.projection import TrainingFactors
 from hydraclean.schedules import ExponentialDecay
 from hydraclean.training import plan_trajectory, train
 
@@ -225,3 +226,22 @@ def test_trajectory_trace_is_each_samples_mean_training_loss_and_softmax():
     result = fit_contributions(module, X, y, Xv, yv, criterion=CE, trajectory=plan(n, batch_size, epochs))
     np.testing.assert_allclose(result.trajectory_loss, loss.numpy(), rtol=1e-12)
     np.testing.assert_allclose(result.trajectory_proba, proba.numpy(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("max_memory", [10**9, 7_000, 3_000], ids=["training factors", "stored weights", "checkpoints"])
+def test_free_with_convolutions_dropout_and_rows_equals_plain_recurrence(max_memory):
+    """Every scoring route (factors kept from training, stored weights, checkpoints) gives C(i) and C(i, j)."""
+    n = 8
+    X, y, Xv, yv = data(n, shape=(1, 6, 6))
+    module = ref.tiny_conv_net()
+    traj = plan(n, 3, 2, lr=0.1)
+    C_ref, nabla_ref, w_T = ref.free_recurrence(module, X, y, Xv, yv, traj, CE)
+    rows = torch.tensor([0, 2, 5])
+    G_rows = ref.eval_per_sample_grads(module, w_T, Xv[rows], yv[rows], CE)
+    result = fit_contributions(module, X, y, Xv, yv, criterion=CE, trajectory=plan(n, 3, 2, lr=0.1),
+                               val_rows=rows, max_memory=max_memory)
+    assert ref.relative_error(result.contribution, C_ref) < 1e-9
+    assert ref.relative_error(result.contribution_matrix, -(nabla_ref @ G_rows.T) / n) < 1e-9
+    # the route taken: factors need 8,000 bytes here, every step's weights 6,912, a checkpoint 2,304
+    planned = TrainingFactors.plan(module, X[:2], traj, np.ones(traj.n_steps), max_memory)
+    assert (planned is not None) == (max_memory == 10**9)
