@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  := torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test docs bench-smoke clean
+.PHONY: demo test docs bench-smoke bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,12 @@ bench-smoke: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/hessian_detection.py --smoke --out $(CURDIR)/build/bench-smoke/hessian_detection.md
 	$(BIN)/python benchmarks/paper.py --smoke --out-dir $(CURDIR)/build/bench-smoke
 	$(BIN)/python benchmarks/summarize.py --dir $(CURDIR)/build/bench-smoke
+
+# On a CUDA machine: GPU scoring against float64 on the CPU (tests/test_cuda.py), then the cost on full
+# Fashion-MNIST with LeNet-5 and DenseNet-BC-40 (docs/benchmarks.md, "On a GPU").
+gpu-check: $(BENCH_STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_estimator.py -k cuda
+	$(BIN)/python benchmarks/gpu_check.py --out docs/_generated/gpu_check.md
 
 # The benchmarks behind docs/benchmarks.md on this machine's CPUs (not part of CI; hours on 2 cores).
 # The Fashion-MNIST settings were run on a GPU by benchmarks/gpu_suite.sh; on a CPU, the second

@@ -602,8 +602,9 @@ class HydraLabelCleaner(TransformerMixin, _HydraBase):
         Validation samples drawn (with ``random_state``) as features for
         ``strategy="cluster"``.
     hessian : {"free", "exact"}, default="free"
-        ``"free"``: HYDRA's fast Hessian-free approximation, replayed along
-        the recorded trajectory in O(N) memory. ``"exact"``: keeps the
+        ``"free"``: HYDRA's fast Hessian-free approximation, scored from
+        what the training steps kept (layer factors or weights, within
+        ``max_memory``); nothing of size ``N x n_params``. ``"exact"``: keeps the
         Hessian term (Hessian-vector products); memory O(S n_params) and time
         about S Hessian-vector products per step for S tracked samples.
     exact_subset : array-like of int, default=None

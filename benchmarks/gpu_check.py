@@ -1,0 +1,115 @@
+"""On a CUDA machine: cost of HYDRA over plain training on full Fashion-MNIST, LeNet-5 and DenseNet-BC-40.
+
+Run by `make gpu-check` after the CUDA tests (tests/test_cuda.py, which check GPU
+scoring against float64 on the CPU at the recorded weights). For each model:
+plain training (a bare torch loop over the same batches) and the default fit
+(strategy="drop", 11 directions) on the 60,000 training images with 20%
+symmetric noise and 1,000 validation images, times with the device
+synchronised, ratio to plain training, and the peak GPU memory of each.
+DenseNet-BC-40 takes the images padded to 32x32; it holds BatchNorm, so its
+scoring walks the stored weights with per-sample gradients by the batch
+Jacobian rather than the layer factors.
+
+    python benchmarks/gpu_check.py [--epochs 3] [--densenet-epochs 1] [--out docs/_generated/gpu_check.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import warnings
+
+import numpy as np
+import torch
+from torch import nn
+
+from settings import ensure_fashion_mnist  # noqa: I001  (benchmarks/ is on sys.path when run as a script)
+
+from hydraclean import HydraLabelCleaner
+from hydraclean.datasets import load_fashion_mnist, make_label_noise
+from hydraclean.models import LeNet5, densenet_bc_40
+from hydraclean.training import plan_trajectory
+
+BATCH, LR, N_VAL = 64, 0.01, 1_000
+
+
+def data(pad: bool):
+    ensure_fashion_mnist()
+    X, y = load_fashion_mnist(os.environ.get("HYDRACLEAN_DATA"))
+    Xv, yv = load_fashion_mnist(os.environ.get("HYDRACLEAN_DATA"), split="test")
+    X, Xv = (a.astype(np.float32).reshape(-1, 1, 28, 28) for a in (X, Xv[:N_VAL]))
+    if pad:
+        X, Xv = (np.pad(a, ((0, 0), (0, 0), (2, 2), (2, 2))) for a in (X, Xv))
+    y_noisy, _ = make_label_noise(y, 0.2, random_state=0)
+    return X, y_noisy, Xv, yv[:N_VAL]
+
+
+def timed(fn) -> tuple[float, float]:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0, torch.cuda.max_memory_allocated() / 2**20
+
+
+def plain(make, X, y, epochs: int) -> None:
+    torch.manual_seed(0)
+    model = make().cuda()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    criterion = nn.CrossEntropyLoss()
+    order = plan_trajectory(len(y), batch_size=BATCH, max_epochs=epochs, lr=LR, lr_schedule="constant",
+                            momentum=0.9, weight_decay=0.0, seed=0).order
+    X, y = torch.as_tensor(X, device="cuda"), torch.as_tensor(y, device="cuda")
+    for perm in torch.as_tensor(order, device="cuda"):
+        for idx in perm.split(BATCH):
+            loss = criterion(model(X[idx]), y[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+
+def check(name: str, make, pad: bool, epochs: int) -> dict:
+    X, y, Xv, yv = data(pad)
+    plain(make, X[:2048], y[:2048], 1)  # warm-up
+    t_plain, m_plain = timed(lambda: plain(make, X, y, epochs))
+    cleaner = HydraLabelCleaner(make, max_epochs=epochs, batch_size=BATCH, lr=LR, device="cuda", max_memory="40GB",
+                                random_state=0)
+    t_fit, m_fit = timed(lambda: cleaner.fit(X, y, X_val=Xv, y_val=yv))
+    row = {"model": name, "epochs": epochs, "n_train": len(y), "plain_s": t_plain, "fit_s": t_fit,
+           "ratio": t_fit / t_plain, "plain_peak_mib": m_plain, "fit_peak_mib": m_fit,
+           "valid_accuracy": cleaner.history_["valid_accuracy"][-1]}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--densenet-epochs", type=int, default=1)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_check.py needs a CUDA device.")
+    warnings.simplefilter("ignore", UserWarning)
+    rows = [check("LeNet-5", LeNet5, False, args.epochs),
+            check("DenseNet-BC-40", lambda: densenet_bc_40(in_channels=1), True, args.densenet_epochs)]
+    lines = [f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}. Fashion-MNIST, 60,000 training "
+             f"images (20% symmetric noise), {N_VAL:,} validation images, batch {BATCH}; default fit "
+             "(strategy='drop').", "",
+             "| model | epochs | plain training (s) | fit (s) | ratio | peak GPU memory, plain / fit (MiB) |"
+             " validation accuracy |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['epochs']} | {r['plain_s']:.1f} | {r['fit_s']:.1f} | {r['ratio']:.2f} | "
+                     f"{r['plain_peak_mib']:.0f} / {r['fit_peak_mib']:.0f} | {r['valid_accuracy']:.3f} |")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
