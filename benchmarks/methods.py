@@ -39,7 +39,7 @@ from hydraclean.gradients import (
     per_sample_gradients,
     validation_gradients,
 )
-from hydraclean.hypergradient import replay_coefficients
+from hydraclean.hypergradient import step_weights
 from hydraclean.training import plan_trajectory, replay, run_sgd, step_rng, train
 
 CE = nn.CrossEntropyLoss(reduction="none")
@@ -241,7 +241,7 @@ def replay_statistics(cleaner) -> tuple[np.ndarray, np.ndarray]:
     traj = cleaner.trajectory_
     X, y = (t.to(cleaner.device_) for t in cleaner._train_data)
     loss = PerSampleLoss(cleaner.module_, cleaner._criterion)
-    weights = replay_coefficients(traj.lrs, traj.momentum, traj.weight_decay) * traj.n_samples / traj.batch_sizes()
+    weights = step_weights(traj)
     influence = torch.zeros(traj.n_samples, dtype=torch.float64, device=X.device)
     weighted = torch.zeros_like(influence)
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .gradients import class_validation_gradients, validation_gradients
-from .hypergradient import ExactTracker, free_projections, replay_coefficients
+from .hypergradient import ExactTracker, free_projections, step_weights
 from .projection import LayerFactorProjector, TrainingFactors
 from .training import Progress, Trajectory, train
 from .weight_store import WeightStore
@@ -133,9 +133,11 @@ def fit_contributions(
     progress : callable, optional
         Wraps each loop over epochs.
     max_memory : int, default=10**9
-        Bytes (on the data's device) for the training run's stored weights
-        and, in what is left, the convolution hypergradient buffer
-        (:mod:`hydraclean.weight_store`, :mod:`hydraclean.projection`).
+        Bytes (on the data's device) for what ``hessian="free"`` keeps from
+        the training run: the layer factors when the model allows them and they
+        fit (:class:`hydraclean.projection.TrainingFactors`), else the weights
+        (:class:`hydraclean.weight_store.WeightStore`) and, in what is left,
+        the convolution hypergradient buffer.
     spill_dir : str, optional
         Directory for a memory-mapped file of the weights when they do not
         fit in ``max_memory``.
@@ -152,9 +154,7 @@ def fit_contributions(
     n = X.shape[0]
     tracker = store = factors = None
     if hessian == "free":
-        coefficients = replay_coefficients(trajectory.lrs, trajectory.momentum, trajectory.weight_decay)
-        coefficients = coefficients * n / trajectory.batch_sizes()
-        factors = TrainingFactors.plan(module, X[:2], trajectory, coefficients, max_memory)
+        factors = TrainingFactors.plan(module, X[:2], trajectory, step_weights(trajectory), max_memory)
         if factors is None:
             store = WeightStore(module, trajectory.n_steps, max_memory, spill_dir)
     else:

@@ -31,7 +31,7 @@ from .projection import make_projector
 from .training import Progress, Trajectory, replay, step_rng
 from .weight_store import WeightStore
 
-__all__ = ["ExactTracker", "free_projections", "replay_coefficients"]
+__all__ = ["ExactTracker", "free_projections", "replay_coefficients", "step_weights"]
 
 
 def replay_coefficients(lrs: np.ndarray, momentum: float, weight_decay: float) -> np.ndarray:
@@ -59,6 +59,12 @@ def replay_coefficients(lrs: np.ndarray, momentum: float, weight_decay: float) -
         c[t] = -eta * r0 + r1
         r0, r1 = r0 * (1.0 - eta * lam) + r1 * lam, -r0 * eta * p + r1 * p
     return c
+
+
+def step_weights(trajectory: Trajectory) -> np.ndarray:
+    """``c_t N / b_t`` of every step: the weight of a per-step gradient in ``nabla_{T,i}``, shape (n_steps,)."""
+    c = replay_coefficients(trajectory.lrs, trajectory.momentum, trajectory.weight_decay)
+    return c * trajectory.n_samples / trajectory.batch_sizes()
 
 
 def free_projections(
@@ -103,10 +109,8 @@ def free_projections(
     -------
     P : Tensor of shape (n_samples, K)
     """
-    n = trajectory.n_samples
-    weights = replay_coefficients(trajectory.lrs, trajectory.momentum, trajectory.weight_decay)
-    weights = weights * n / trajectory.batch_sizes()
-    projector = make_projector(module, criterion, directions, n, rows, accumulate_bytes)
+    weights = step_weights(trajectory)
+    projector = make_projector(module, criterion, directions, trajectory.n_samples, rows, accumulate_bytes)
 
     def on_step(model: nn.Module, t: int, idx: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor) -> None:
         with step_rng(trajectory.seeds[t], X.device):

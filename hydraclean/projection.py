@@ -134,7 +134,6 @@ class LayerFactorProjector:
     ) -> None:
         self.module = copy.deepcopy(module).train()
         self.criterion = criterion
-        self.directions = directions
         self.out = directions.new_zeros(n_samples, directions.shape[0])
         self.fallback: FunctionalProjector | None = None
         self._fallback_args = (module, criterion, directions, n_samples)
@@ -147,8 +146,7 @@ class LayerFactorProjector:
                 start += p.numel()
         self.columns = {m: [offsets[id(p)] for p in (m.weight, m.bias) if p is not None and p.requires_grad]
                         for m in self.layers}
-        self.n_rows = 0 if rows is None else rows[1].shape[0]
-        self.n_dense = directions.shape[0] - self.n_rows
+        self.n_dense = directions.shape[0] - (0 if rows is None else rows[1].shape[0])
         self._captured: dict[nn.Module, list] = {}
         evaluator = copy.deepcopy(self.module).eval()  # before any hook: the hooks refer to self
         for m, m_eval in zip(self.layers, _trainable_layers(evaluator)):
@@ -167,9 +165,8 @@ class LayerFactorProjector:
                 )
         convs = [m for m in self.layers if isinstance(m, nn.Conv2d)]
         conv_cols = [torch.arange(a, b, device=directions.device) for m in convs for a, b in self.columns[m]]
-        self.conv_columns = torch.cat(conv_cols) if conv_cols else None
-        self.conv_directions = None if self.conv_columns is None else directions[:, self.conv_columns]
-        p_conv = 0 if self.conv_columns is None else len(self.conv_columns)
+        self.conv_directions = directions[:, torch.cat(conv_cols)] if conv_cols else None
+        p_conv = 0 if self.conv_directions is None else self.conv_directions.shape[1]
         self.conv_sum = None
         if p_conv and n_samples * p_conv * directions.element_size() <= accumulate_bytes:
             self.conv_sum = directions.new_zeros(n_samples, p_conv)
@@ -380,7 +377,7 @@ class TrainingFactors:
 
     def project(self, projector: LayerFactorProjector, chunk: int = 8192) -> torch.Tensor:
         """``P[i, k] = <V_k, nabla_{T,i}>`` for the projector's directions, shape (N, K)."""
-        out = torch.zeros_like(projector.out)
+        out = projector.out  # zeros: the projector has seen no step
         linear = [(k, projector.layers[k]) for k, v in self.shapes.items() if v[0] == "linear"]
         for start in range(0, self.index.shape[0], chunk):
             rows = slice(start, start + chunk)
