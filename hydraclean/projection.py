@@ -294,8 +294,7 @@ class TrainingFactors:
         self.deltas = {k: torch.empty(rows, v[2], dtype=dtype, device=device)
                        for k, v in shapes.items() if v[0] == "linear"}
         self.index = torch.empty(rows, dtype=torch.long, device=device)
-        self.nbytes = sum(t.nbytes for t in [*self.inputs.values(), *self.deltas.values(), self.index]) + (
-            0 if self.conv_sum is None else self.conv_sum.nbytes)
+        self.nbytes = self.footprint(shapes, trajectory, torch.empty(0, dtype=dtype).element_size())
         self._handles: list = []
         self._layers: list[nn.Module] = []
         self._captured: dict[int, list] = {}
@@ -330,12 +329,16 @@ class TrainingFactors:
             else:
                 shapes[k] = ("conv", sum(p.numel() for p in m.parameters(recurse=False) if p.requires_grad))
         ref = next(p for p in module.parameters() if p.requires_grad)
-        item = ref.element_size()
-        rows, n = trajectory.order.size, trajectory.n_samples
-        need = sum(n * v[1] if v[0] == "conv" else rows * (v[1] + v[2]) for v in shapes.values()) * item + rows * 8
-        if need > max_memory:
+        if cls.footprint(shapes, trajectory, ref.element_size()) > max_memory:
             return None
         return cls(shapes, trajectory, coefficients, ref.dtype, ref.device)
+
+    @staticmethod
+    def footprint(shapes: dict[int, tuple], trajectory: Trajectory, itemsize: int) -> int:
+        """Bytes the buffers take: N x p_conv, and (in + out) values and an index per sample and step."""
+        rows, n = trajectory.order.size, trajectory.n_samples
+        values = sum(n * v[1] if v[0] == "conv" else rows * (v[1] + v[2]) for v in shapes.values())
+        return values * itemsize + rows * torch.empty(0, dtype=torch.long).element_size()
 
     def before_step(self, t: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Hook the training model's layers (at the first step)."""
