@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .gradients import flatten, parameter_dict, unflatten
 from .training import Progress, StepCallback, Trajectory, epoch_batches, make_optimizer, sgd_step
 
 __all__ = ["WeightStore", "parse_bytes"]
@@ -86,7 +87,7 @@ class WeightStore:
     """
 
     def __init__(self, module: nn.Module, n_steps: int, max_memory: int, spill_dir: str | os.PathLike | None = None):
-        params = [p for p in module.parameters() if p.requires_grad]
+        params = list(parameter_dict(module).values())
         ref = params[0]
         self.n_params = sum(p.numel() for p in params)
         self.n_steps = int(n_steps)
@@ -121,18 +122,16 @@ class WeightStore:
         """Keep ``w_{t-1}`` (and ``v_{t-1}`` at a checkpoint); called by the training loop before step ``t``."""
         if t % self.interval:
             return
-        params = [p for p in model.parameters() if p.requires_grad]
-        with torch.no_grad():
-            flat = torch.cat([p.reshape(-1) for p in params])
-            if self.location == "disk":
-                self._weights[t] = flat.cpu().numpy()
-                return
-            k = t // self.interval
-            self._weights[k].copy_(flat)
-            if self._momentum is not None and t > 0:
-                bufs = [optimizer.state[p]["momentum_buffer"] for p in params] if optimizer.defaults["momentum"] else []
-                if bufs:
-                    self._momentum[k].copy_(torch.cat([b.reshape(-1) for b in bufs]))
+        params = parameter_dict(model)
+        flat = flatten(params)
+        if self.location == "disk":
+            self._weights[t] = flat.cpu().numpy()
+            return
+        k = t // self.interval
+        self._weights[k].copy_(flat)
+        if self._momentum is not None and t > 0 and optimizer.defaults["momentum"]:
+            state = {name: optimizer.state[p]["momentum_buffer"] for name, p in _trainable(model)}
+            self._momentum[k].copy_(flatten(state))
 
     def after_step(self, t: int, idx: torch.Tensor) -> None:
         """Nothing to keep after a step."""
@@ -142,20 +141,15 @@ class WeightStore:
             flat = torch.from_numpy(np.asarray(self._weights[t])).to(self.device)
         else:
             flat = self._weights[t // self.interval]
-        params = [p for p in model.parameters() if p.requires_grad]
-        with torch.no_grad():
-            start = 0
-            for p in params:
-                p.copy_(flat[start : start + p.numel()].view_as(p))
-                start += p.numel()
+        params = parameter_dict(model)
+        for p, w in zip(params.values(), unflatten(flat, params).values()):
+            p.copy_(w)  # detached views: writes the parameters' data
         if optimizer is not None:
             optimizer.state.clear()
             if t > 0 and optimizer.defaults["momentum"]:
-                v = self._momentum[t // self.interval]
-                start = 0
-                for p in params:
-                    optimizer.state[p]["momentum_buffer"] = v[start : start + p.numel()].view_as(p).clone()
-                    start += p.numel()
+                momentum = unflatten(self._momentum[t // self.interval], params)
+                for name, p in _trainable(model):
+                    optimizer.state[p]["momentum_buffer"] = momentum[name].clone()
 
     def walk(
         self,
@@ -194,3 +188,7 @@ class WeightStore:
             self._file.close()
             self._file = None
 
+
+def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The parameters (not detached) in :func:`hydraclean.gradients.parameter_dict`'s order."""
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
