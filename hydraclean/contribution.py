@@ -27,7 +27,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .gradients import class_validation_gradients, validation_gradients
+from .gradients import (
+    class_validation_gradients,
+    eval_separable,
+    per_sample_validation_gradients,
+    validation_gradients,
+)
 from .hypergradient import ExactTracker, free_projections, step_weights
 from .projection import LayerFactorProjector, TrainingFactors
 from .training import Progress, Trajectory, train
@@ -170,16 +175,21 @@ def fit_contributions(
     if n_classes is None:
         n_classes = int(max(y.max(), y_val.max())) + 1
     class_grads = class_validation_gradients(model, X_val, y_val, criterion, n_classes)
-    present = torch.isfinite(class_grads).all(1)
+    counts = torch.bincount(y_val, minlength=n_classes)
+    present = counts > 0
     n_present = int(present.sum())
     # one set of directions for one pass: [mean, classes with validation samples, rows], filled in place
     n_rows = 0 if val_rows is None else len(val_rows)
     directions = class_grads.new_empty(1 + n_present + n_rows, class_grads.shape[1])
     directions[1 : 1 + n_present] = class_grads[present]
     del class_grads
-    mean_grad, _ = validation_gradients(model, X_val, y_val, criterion, rows=val_rows,
-                                        out=directions[1 + n_present :] if n_rows else None)
-    directions[0] = mean_grad
+    if eval_separable(model):  # grad L_val = sum_c (n_c / n_val) G^c: no pass of its own
+        torch.mv(directions[1 : 1 + n_present].T, counts[present].to(directions.dtype) / len(y_val),
+                 out=directions[0])
+    else:  # batch statistics in eval mode: the mean loss is not the class losses' weighted sum
+        directions[0] = validation_gradients(model, X_val, y_val, criterion)[0]
+    if n_rows:
+        per_sample_validation_gradients(model, X_val, y_val, criterion, val_rows, out=directions[1 + n_present :])
     rows = None if val_rows is None else (model, X_val[val_rows], y_val[val_rows])
     if factors is not None:
         projections = factors.project(LayerFactorProjector(module, criterion, directions, n, rows))

@@ -26,11 +26,13 @@ from torch.func import functional_call, grad, jacrev, jvp, replace_all_batch_nor
 __all__ = [
     "PerSampleLoss",
     "directional_derivatives",
+    "eval_separable",
     "flatten",
     "hessian_vector_products",
     "is_sample_separable",
     "parameter_dict",
     "per_sample_gradients",
+    "per_sample_validation_gradients",
     "unflatten",
     "class_validation_gradients",
     "validation_gradients",
@@ -77,6 +79,17 @@ def is_sample_separable(module: nn.Module) -> bool:
     """
     coupled = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
     return not any(isinstance(m, coupled) for m in module.modules())
+
+
+def eval_separable(module: nn.Module) -> bool:
+    """Whether each sample's eval-mode loss depends on that sample alone.
+
+    False only for BatchNorm without running statistics
+    (``track_running_stats=False``), which normalises with the batch's
+    statistics in eval mode too.
+    """
+    return not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None
+                   for m in module.modules())
 
 
 class PerSampleLoss:
@@ -228,11 +241,43 @@ def validation_gradients(
         total += flatten(grad(batch_loss)(params, X[start : start + batch_size], y[start : start + batch_size]))
     per_sample = None
     if rows is not None:
-        per_sample = total.new_empty(len(rows), total.shape[0]) if out is None else out
-        for start in range(0, len(rows), batch_size):  # written in place: no list and no copy of (rows, n_params)
-            r = rows[start : start + batch_size]
-            per_sample[start : start + len(r)] = per_sample_grad(params, X[r], y[r])
+        per_sample = _per_sample_rows(per_sample_grad, params, X, y, rows, batch_size, out)
     return total / X.shape[0], per_sample
+
+
+def per_sample_validation_gradients(
+    model: nn.Module,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    criterion: nn.Module,
+    rows: torch.Tensor,
+    batch_size: int = 256,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``G_j = grad l_j^val(w_T)`` for the validation rows ``j``, in eval mode.
+
+    :func:`validation_gradients` without the mean gradient's pass.
+
+    Parameters
+    ----------
+    model, X, y, criterion, rows, batch_size, out
+        As in :func:`validation_gradients`.
+
+    Returns
+    -------
+    G : Tensor of shape (len(rows), n_params)
+    """
+    params, _, per_sample_grad = _eval_losses(model, criterion)
+    return _per_sample_rows(per_sample_grad, params, X, y, rows, batch_size, out)
+
+
+def _per_sample_rows(per_sample_grad, params, X, y, rows, batch_size, out):
+    n_params = sum(p.numel() for p in params.values())
+    per_sample = X.new_empty(len(rows), n_params) if out is None else out
+    for start in range(0, len(rows), batch_size):  # written in place: no list and no copy of (rows, n_params)
+        r = rows[start : start + batch_size]
+        per_sample[start : start + len(r)] = per_sample_grad(params, X[r], y[r])
+    return per_sample
 
 
 def class_validation_gradients(
@@ -245,9 +290,10 @@ def class_validation_gradients(
 ) -> torch.Tensor:
     """``G^c = grad L_val^c(w_T)`` for every class, ``L_val^c`` the mean loss over class ``c``.
 
-    Eval mode, like :func:`validation_gradients`. The per-sample validation
-    gradients of each batch are summed by class, then divided by the class
-    counts (DESIGN.md §5).
+    Eval mode, like :func:`validation_gradients`. Each class's summed loss is
+    differentiated batch by batch (one backward pass per batch, no per-sample
+    gradients), then divided by the class count (DESIGN.md §5). The mean
+    validation gradient is ``sum_c n_c G^c / n_val``.
 
     Parameters
     ----------
@@ -260,14 +306,22 @@ def class_validation_gradients(
     G : Tensor of shape (n_classes, n_params)
         Rows of classes with no validation sample are NaN.
     """
-    params, _, per_sample_grad = _eval_losses(model, criterion)
+    params, batch_loss, _ = _eval_losses(model, criterion)
     n_params = sum(p.numel() for p in params.values())
-    sums = torch.zeros(n_classes, n_params, dtype=X.dtype, device=X.device)
-    for start in range(0, X.shape[0], batch_size):
-        xb, yb = X[start : start + batch_size], y[start : start + batch_size]
-        sums.index_add_(0, yb, per_sample_grad(params, xb, yb))
-    counts = torch.bincount(y, minlength=n_classes).to(sums.dtype)
-    return sums / counts.unsqueeze(1)  # 0 / 0 = NaN for an absent class
+    G = torch.full((n_classes, n_params), float("nan"), dtype=X.dtype, device=X.device)
+    order = torch.argsort(y, stable=True)
+    counts = torch.bincount(y, minlength=n_classes).tolist()  # one host sync for all classes
+    start = 0
+    for c, count in enumerate(counts):
+        if count:
+            G[c] = 0.0
+            rows = order[start : start + count]
+            for k in range(0, count, batch_size):
+                r = rows[k : k + batch_size]
+                G[c] += flatten(grad(batch_loss)(params, X[r], y[r]))
+            G[c] /= count
+        start += count
+    return G
 
 
 def _eval_losses(model: nn.Module, criterion: nn.Module):

@@ -6,12 +6,14 @@ from torch import nn
 
 from hydraclean.gradients import (
     PerSampleLoss,
+    class_validation_gradients,
     directional_derivatives,
     flatten,
     hessian_vector_products,
     is_sample_separable,
     parameter_dict,
     per_sample_gradients,
+    per_sample_validation_gradients,
     unflatten,
     validation_gradients,
 )
@@ -146,3 +148,25 @@ def test_validation_gradients_in_eval_mode():
     (g3,) = torch.autograd.grad(loss_of(x[3:4], y[3:4]).sum(), w)
     assert ref.relative_error(mean, g_ref) < 1e-12
     assert ref.relative_error(rows, torch.stack([g0, g3])) < 1e-12
+
+
+def test_class_validation_gradients_are_class_mean_gradients_in_eval_mode():
+    module = small_cnn_with_bn_and_dropout()
+    module.train()
+    module(batch(16)[0])
+    x, y = batch(9)
+    y = torch.tensor([0, 2, 0, 0, 2, 0, 2, 0, 0])  # class 1 absent; class 0 spans three batches of 2
+    G = class_validation_gradients(module, x, y, CE, 3, batch_size=2)
+    rows = per_sample_validation_gradients(module, x, y, CE, torch.arange(9))
+    assert module.training
+    module.eval()
+    w = ref.flat_params(module).requires_grad_(True)
+    from torch.func import functional_call
+
+    for c in (0, 2):
+        keep = y == c
+        loss = CE(functional_call(module, ref.split(w, module), (x[keep],)), y[keep]).mean()
+        (g,) = torch.autograd.grad(loss, w)
+        assert ref.relative_error(G[c], g) < 1e-12
+        assert ref.relative_error(G[c], rows[keep].mean(0)) < 1e-12
+    assert torch.isnan(G[1]).all()
