@@ -120,3 +120,20 @@ def test_suggested_labels_in_the_users_label_space():
     classes = np.array(["cat", "dog", "eel"])
     out = suggest_labels(R, classes, np.array(["cat", "eel", "eel"]))
     assert out.tolist() == ["dog", "eel", "cat"]  # the unscored row keeps its given label
+
+
+def test_sign_clusters_split_each_class_as_scikit_learns_ward_does():
+    from sklearn.cluster import AgglomerativeClustering
+
+    rng = np.random.default_rng(3)
+    labels = np.repeat([0, 1, 2], [60, 45, 30])
+    # two overlapping sign patterns per class, flipped at random: ties and near-ties in the distances
+    base = rng.choice([-1.0, 1.0], size=(6, 40))
+    M = base[2 * labels + (rng.random(labels.size) < 0.3)] * np.where(rng.random((labels.size, 40)) < 0.2, -1, 1)
+    scores = rng.normal(size=labels.size)
+    flags = flag_sign_clusters(M, labels, scores)
+    for c in range(3):
+        members = np.flatnonzero(labels == c)
+        groups = AgglomerativeClustering(n_clusters=2, linkage="ward").fit_predict(M[members])
+        low = np.argmin([scores[members[groups == g]].mean() for g in (0, 1)])
+        assert np.array_equal(flags[members], groups == low)
