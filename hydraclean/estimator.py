@@ -31,7 +31,7 @@ from .contribution import (
     suggest_labels,
     top_contributors,
 )
-from .gradients import validation_gradients
+from .gradients import per_sample_validation_gradients
 from .hypergradient import free_projections
 from .scoring import SCORES
 from .data import check_features, check_labels, resolve_validation_rows, scale_mismatch, select_rows
@@ -105,6 +105,7 @@ class _HydraBase(BaseEstimator):
         "criterion": [nn.Module, None],
         "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
         "device": [str, torch.device],
+        "autocast": [StrOptions({"bfloat16", "float16"}), None],
         "max_memory": [Interval(Integral, 1, None, closed="left"), str],
         "spill_dir": [str, os.PathLike, None],
         "random_state": ["random_state"],
@@ -130,6 +131,7 @@ class _HydraBase(BaseEstimator):
         criterion: nn.Module | None = None,
         validation_fraction: float = 0.1,
         device="auto",
+        autocast: str | None = None,
         max_memory: int | str = "1GB",
         spill_dir: str | os.PathLike | None = None,
         random_state=None,
@@ -151,6 +153,7 @@ class _HydraBase(BaseEstimator):
         self.criterion = criterion
         self.validation_fraction = validation_fraction
         self.device = device
+        self.autocast = autocast
         self.max_memory = max_memory
         self.spill_dir = spill_dir
         self.random_state = random_state
@@ -239,7 +242,7 @@ class _HydraBase(BaseEstimator):
         Xv_t = torch.as_tensor(Xv, dtype=dtype, device=device)
         yv_t = torch.as_tensor(np.searchsorted(self.classes_, yv), device=device)
         model = self.module_.to(device)
-        _, G = validation_gradients(model, Xv_t, yv_t, self._criterion, rows=torch.arange(len(yv), device=device))
+        G = per_sample_validation_gradients(model, Xv_t, yv_t, self._criterion, torch.arange(len(yv), device=device))
         # module_ supplies the architecture; the replay starts from the recorded w_0
         P = free_projections(self.trajectory_, model, X_tr, y_tr, self._criterion, G, progress=self._progress(),
                              rows=(model, Xv_t, yv_t))
@@ -336,6 +339,12 @@ class _HydraBase(BaseEstimator):
             raise ValueError(f"spill_dir={self.spill_dir!r} is not a directory. Create it or pass spill_dir=None.")
         module = self._build_module(data.X_train.shape[1:], data.classes.size, device, init_seed)
         dtype = _floating_dtype(module)
+        if self.autocast is not None and self.hessian == "exact":
+            raise ValueError("autocast applies to hessian='free' only: the exact mode is the reference computation, "
+                             "in the module's own dtype. Pass autocast=None or hessian='free'.")
+        if self.autocast is not None and dtype != torch.float32:
+            raise ValueError(f"autocast={self.autocast!r} needs a float32 module; this one is {dtype}. Pass "
+                             "autocast=None, or a float32 module.")
         criterion = self._resolve_criterion()
         to = lambda a, dt: torch.as_tensor(a, dtype=dt, device=device)  # noqa: E731
         Xt, Xv = to(data.X_train, dtype), to(data.X_val, dtype)
@@ -357,6 +366,7 @@ class _HydraBase(BaseEstimator):
             momentum=self.momentum,
             weight_decay=self.weight_decay,
             seed=train_seed,
+            autocast=None if self.autocast is None else getattr(torch, self.autocast),
         )
         result = fit_contributions(
             module,
@@ -628,14 +638,23 @@ class HydraLabelCleaner(TransformerMixin, _HydraBase):
         fraction of ``X`` held out as the validation set (with a warning).
     device : {"auto", "cpu", "cuda"} or torch.device, default="auto"
         "auto" trains on a GPU when there is one.
+    autocast : {"bfloat16", "float16"} or None, default=None
+        Run the training steps' forward passes and losses under
+        ``torch.autocast`` to this dtype (mixed precision, mainly for GPUs).
+        Weights, gradients, updates, validation gradients and the
+        contributions stay in the module's float32. No gradient scaling, so
+        "float16" can underflow small gradients; prefer "bfloat16" where the
+        device has it. Only with ``hessian="free"``; the effect on the
+        contributions is measured in docs/benchmarks.md.
     max_memory : int or str, default="1GB"
-        Bytes (or a string such as ``"512MB"``, ``"2GiB"``) that the training
-        run's stored weights may take on ``device``; scoring reads them
-        instead of re-running the optimizer. When every step's weights
-        (``n_steps x n_params`` values) do not fit, checkpoints every few
-        steps are kept and the steps between them recomputed, or, with
-        ``spill_dir``, the weights go to disk. What is left speeds up
-        convolution layers. ``hessian="exact"`` does not use it.
+        Bytes (or a string such as ``"512MB"``, ``"2GiB"``) on ``device`` for
+        what scoring keeps from the training run, so that it never re-runs
+        the optimizer: the layer factors of every step when the module is
+        made of Linear and Conv2d layers and they fit, else the weights of
+        every step. When those do not fit either, checkpoints every few steps
+        are kept and the steps between them recomputed, or, with
+        ``spill_dir``, the weights go to disk. ``hessian="exact"`` does not
+        use it.
     spill_dir : str or path-like, default=None
         Directory for a temporary memory-mapped file of the weights when
         they do not fit in ``max_memory`` (deleted after scoring).

@@ -110,7 +110,8 @@ def free_projections(
     P : Tensor of shape (n_samples, K)
     """
     weights = step_weights(trajectory)
-    projector = make_projector(module, criterion, directions, trajectory.n_samples, rows, accumulate_bytes)
+    projector = make_projector(module, criterion, directions, trajectory.n_samples, rows, accumulate_bytes,
+                               trajectory.autocast)
 
     def on_step(model: nn.Module, t: int, idx: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor) -> None:
         with step_rng(trajectory.seeds[t], X.device):

@@ -32,6 +32,7 @@ from .schedules import Schedule, learning_rates
 __all__ = [
     "SampleTrace",
     "Trajectory",
+    "autocast",
     "epoch_batches",
     "evaluate_model",
     "learning_shortfall",
@@ -76,6 +77,9 @@ class Trajectory:
     weight_decay : float
     initial_state : dict of str to Tensor
         ``state_dict`` of the module at ``w_0`` (on CPU), set by :func:`train`.
+    autocast : torch.dtype or None
+        Lower-precision dtype the training steps' forward passes ran under
+        (``torch.autocast``), or None for the module's own dtype.
     """
 
     order: np.ndarray
@@ -85,6 +89,7 @@ class Trajectory:
     momentum: float
     weight_decay: float
     initial_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    autocast: torch.dtype | None = None
 
     @property
     def n_samples(self) -> int:
@@ -111,8 +116,12 @@ def plan_trajectory(
     momentum: float,
     weight_decay: float,
     seed: int,
+    autocast: torch.dtype | None = None,
 ) -> Trajectory:
     """Draw the batch order and step seeds of a training run from one seed.
+
+    ``autocast`` (``torch.bfloat16`` or ``torch.float16``) runs every step's
+    forward pass and loss under ``torch.autocast``; see :func:`sgd_step`.
 
     Returns
     -------
@@ -124,7 +133,12 @@ def plan_trajectory(
     steps_per_epoch = [-(-n_samples // batch_size)] * max_epochs
     lrs = learning_rates(lr, lr_schedule, steps_per_epoch)
     seeds = rng.integers(0, 2**62, size=lrs.shape[0], dtype=np.int64)
-    return Trajectory(order, int(batch_size), lrs, seeds, float(momentum), float(weight_decay))
+    return Trajectory(order, int(batch_size), lrs, seeds, float(momentum), float(weight_decay), autocast=autocast)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` to ``dtype`` on ``device``'s type; nothing for None."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 @dataclass
@@ -236,10 +250,10 @@ def run_sgd(
             logits, losses, loss = sgd_step(model, optimizer, criterion, trajectory, t, xb, yb)
             if store is not None:
                 store.after_step(t, idx)
-            sample_loss.index_add_(0, idx, losses.detach())
+            sample_loss.index_add_(0, idx, losses.detach().to(X.dtype))
             if sample_proba is None:
-                sample_proba = logits.new_zeros(trajectory.n_samples, logits.shape[1])
-            sample_proba.index_add_(0, idx, logits.detach().softmax(1))
+                sample_proba = sample_loss.new_zeros(trajectory.n_samples, logits.shape[1])
+            sample_proba.index_add_(0, idx, logits.detach().to(X.dtype).softmax(1))
             step_loss[t] = loss.detach()
             step_correct[t] = (logits.detach().argmax(1) == yb).sum()
         _check_finite(step_loss[first : first + steps_per_epoch], epoch, first, trajectory)
@@ -278,13 +292,18 @@ def sgd_step(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Step ``t`` of the run: forward under the step's seed, backward, update.
 
+    With ``trajectory.autocast``, the forward pass and the loss run under
+    ``torch.autocast`` (no gradient scaling: a scaler's skipped steps would
+    leave the recorded schedule); parameters, gradients and the update stay
+    in the module's dtype.
+
     Returns the logits, the per-sample losses and their mean (not detached).
     """
     for group in optimizer.param_groups:
         group["lr"] = float(trajectory.lrs[t])
-    with step_rng(trajectory.seeds[t], xb.device):
+    with step_rng(trajectory.seeds[t], xb.device), autocast(xb.device, trajectory.autocast):
         logits = model(xb)
-    losses = criterion(logits, yb)
+        losses = criterion(logits, yb)
     loss = losses.mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

@@ -6,6 +6,7 @@ from torch import nn
 
 from hydraclean.projection import (
     FunctionalProjector,
+    _conv_sample_gradients,
     LayerFactorProjector,
     make_projector,
     supports_layer_factors,
@@ -98,3 +99,23 @@ def test_which_modules_get_layer_factors(module, expected):
     V = torch.zeros(1, sum(p.numel() for p in module.parameters()), dtype=next(module.parameters()).dtype)
     kind = LayerFactorProjector if expected else FunctionalProjector
     assert isinstance(make_projector(module, CE, V, 2), kind)
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(3, 4, 3, stride=2, padding=1),
+        nn.Conv2d(2, 3, (3, 2), dilation=(2, 1), padding=(1, 0), bias=False),
+        nn.Conv2d(3, 5, 1),  # the batched-product route
+        nn.Conv2d(3, 5, 1, stride=2),
+    ],
+)
+def test_conv_sample_gradients_equal_one_backward_per_sample(conv):
+    conv = conv.double()
+    a = torch.randn(4, conv.in_channels, 7, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    delta = torch.randn_like(conv(a)).detach()
+    expected = []
+    for i in range(4):
+        grads = torch.autograd.grad(conv(a[i : i + 1]), list(conv.parameters()), delta[i : i + 1])
+        expected.append(torch.cat([g.reshape(-1) for g in grads]))
+    assert ref.relative_error(_conv_sample_gradients(conv, a, delta), torch.stack(expected)) < 1e-12
