@@ -3,7 +3,8 @@
 Run by `make gpu-check` after the CUDA tests (tests/test_cuda.py, which check GPU
 scoring against float64 on the CPU at the recorded weights). For each model:
 plain training (a bare torch loop over the same batches) and the default fit
-(strategy="drop", 11 directions) on the 60,000 training images with 20%
+(strategy="drop", 11 directions; for LeNet-5 also with autocast="bfloat16",
+and how far its scores move) on the 60,000 training images with 20%
 symmetric noise and 1,000 validation images, times with the device
 synchronised, ratio to plain training, and the peak GPU memory of each.
 DenseNet-BC-40 takes the images padded to 32x32; it holds BatchNorm, so its
@@ -23,6 +24,7 @@ import warnings
 
 import numpy as np
 import torch
+from scipy.stats import spearmanr
 from torch import nn
 
 from settings import ensure_fashion_mnist  # noqa: I001  (benchmarks/ is on sys.path when run as a script)
@@ -71,18 +73,28 @@ def plain(make, X, y, epochs: int) -> None:
             optimizer.step()
 
 
-def check(name: str, make, pad: bool, epochs: int) -> dict:
+def check(name: str, make, pad: bool, epochs: int, autocast: str | None = None) -> dict:
+    """One model: plain training, the float32 fit and, with ``autocast``, the mixed-precision fit beside it."""
     X, y, Xv, yv = data(pad)
     plain(make, X[:2048], y[:2048], 1)  # warm-up
     t_plain, m_plain = timed(lambda: plain(make, X, y, epochs))
-    cleaner = HydraLabelCleaner(make, max_epochs=epochs, batch_size=BATCH, lr=LR, device="cuda", max_memory="40GB",
-                                random_state=0)
-    t_fit, m_fit = timed(lambda: cleaner.fit(X, y, X_val=Xv, y_val=yv))
-    row = {"model": name, "epochs": epochs, "n_train": len(y), "plain_s": t_plain, "fit_s": t_fit,
-           "ratio": t_fit / t_plain, "plain_peak_mib": m_plain, "fit_peak_mib": m_fit,
-           "valid_accuracy": cleaner.history_["valid_accuracy"][-1]}
-    print(json.dumps(row), flush=True)
-    return row
+    rows, base = [], None
+    for precision in [None] + ([autocast] if autocast else []):
+        cleaner = HydraLabelCleaner(make, max_epochs=epochs, batch_size=BATCH, lr=LR, device="cuda",
+                                    max_memory="40GB", autocast=precision, random_state=0)
+        t_fit, m_fit = timed(lambda: cleaner.fit(X, y, X_val=Xv, y_val=yv))
+        row = {"model": name, "autocast": precision or "none", "epochs": epochs, "n_train": len(y),
+               "plain_s": t_plain, "fit_s": t_fit, "ratio": t_fit / t_plain, "plain_peak_mib": m_plain,
+               "fit_peak_mib": m_fit, "valid_accuracy": cleaner.history_["valid_accuracy"][-1]}
+        if base is None:
+            base = cleaner
+        else:  # the effect of autocast on the scores: the same seed, another (rounded) run
+            row["spearman_contribution"] = float(spearmanr(base.contribution_, cleaner.contribution_)[0])
+            row["flagged_overlap"] = float((base.label_issues_ & cleaner.label_issues_).sum()
+                                           / max(base.label_issues_.sum(), 1))
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
 
 
 def main() -> None:
@@ -94,16 +106,20 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("gpu_check.py needs a CUDA device.")
     warnings.simplefilter("ignore", UserWarning)
-    rows = [check("LeNet-5", LeNet5, False, args.epochs),
-            check("DenseNet-BC-40", lambda: densenet_bc_40(in_channels=1), True, args.densenet_epochs)]
+    rows = (check("LeNet-5", LeNet5, False, args.epochs, autocast="bfloat16")
+            + check("DenseNet-BC-40", lambda: densenet_bc_40(in_channels=1), True, args.densenet_epochs))
     lines = [f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}. Fashion-MNIST, 60,000 training "
              f"images (20% symmetric noise), {N_VAL:,} validation images, batch {BATCH}; default fit "
              "(strategy='drop').", "",
-             "| model | epochs | plain training (s) | fit (s) | ratio | peak GPU memory, plain / fit (MiB) |"
-             " validation accuracy |", "|---|---|---|---|---|---|---|"]
+             "| model | autocast | epochs | plain training (s) | fit (s) | ratio | peak GPU memory, plain / fit (MiB) |"
+             " validation accuracy | Spearman of C(i) with float32 | flagged in common |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['epochs']} | {r['plain_s']:.1f} | {r['fit_s']:.1f} | {r['ratio']:.2f} | "
-                     f"{r['plain_peak_mib']:.0f} / {r['fit_peak_mib']:.0f} | {r['valid_accuracy']:.3f} |")
+        effect = (f"{r['spearman_contribution']:.3f} | {r['flagged_overlap']:.1%}" if "spearman_contribution" in r
+                  else "- | -")
+        lines.append(f"| {r['model']} | {r['autocast']} | {r['epochs']} | {r['plain_s']:.1f} | {r['fit_s']:.1f} | "
+                     f"{r['ratio']:.2f} | {r['plain_peak_mib']:.0f} / {r['fit_peak_mib']:.0f} | "
+                     f"{r['valid_accuracy']:.3f} | {effect} |")
     text = "\n".join(lines)
     print(text)
     if args.out:
