@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .batches import Inputs, first_inputs
 from .gradients import (
     class_validation_gradients,
     eval_separable,
@@ -93,7 +94,7 @@ class HydraResult:
 
 def fit_contributions(
     module: nn.Module,
-    X: torch.Tensor,
+    X: Inputs,
     y: torch.Tensor,
     X_val: torch.Tensor,
     y_val: torch.Tensor,
@@ -115,8 +116,11 @@ def fit_contributions(
     ----------
     module : nn.Module
         Architecture with initial weights ``w_0``, on the data's device. Not modified.
-    X, y : Tensor
-        Training inputs (n_samples, ...) and integer targets (n_samples,).
+    X : Tensor or DatasetInputs
+        Training inputs (n_samples, ...) on the device, or a Dataset loaded
+        batch by batch (:mod:`hydraclean.batches`).
+    y : Tensor
+        Integer targets (n_samples,), on the device.
     X_val, y_val : Tensor
         Trusted validation inputs and integer targets.
     criterion : nn.Module
@@ -156,15 +160,15 @@ def fit_contributions(
     ValueError
         When ``max_memory`` cannot hold one checkpoint and there is no ``spill_dir``.
     """
-    n = X.shape[0]
+    n = y.shape[0]
     tracker = store = factors = None
     if hessian == "free":
-        factors = TrainingFactors.plan(module, X[:2], trajectory, step_weights(trajectory), max_memory)
+        factors = TrainingFactors.plan(module, first_inputs(X, 2), trajectory, step_weights(trajectory), max_memory)
         if factors is None:
             store = WeightStore(module, trajectory.n_steps, max_memory, spill_dir)
     else:
         if exact_indices is None:
-            exact_indices = torch.arange(n, device=X.device)
+            exact_indices = torch.arange(n, device=y.device)
         tracker = ExactTracker(module, criterion, trajectory, exact_indices, chunk_size=chunk_size)
     model, history, trace = train(
         module, X, y, criterion, trajectory, on_step=tracker, validation=(X_val, y_val), progress=progress,
@@ -198,7 +202,7 @@ def fit_contributions(
                                        store=store, rows=rows, accumulate_bytes=max_memory - store.nbytes)
         store.close()
     else:
-        projections = torch.full((n, directions.shape[0]), float("nan"), dtype=X.dtype, device=X.device)
+        projections = torch.full((n, directions.shape[0]), float("nan"), dtype=directions.dtype, device=y.device)
         projections[exact_indices] = tracker.nabla @ directions.T
     scores = contributions_from_projections(projections, n).double().cpu().numpy()
     by_class = np.full((n, n_classes), np.nan)

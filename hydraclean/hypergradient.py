@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .batches import Inputs
 from .gradients import PerSampleLoss, hessian_vector_products, parameter_dict, per_sample_gradients
 from .projection import make_projector
 from .training import Progress, Trajectory, replay, step_rng
@@ -70,7 +71,7 @@ def step_weights(trajectory: Trajectory) -> np.ndarray:
 def free_projections(
     trajectory: Trajectory,
     module: nn.Module,
-    X: torch.Tensor,
+    X: Inputs,
     y: torch.Tensor,
     criterion: nn.Module,
     directions: torch.Tensor,
@@ -91,8 +92,8 @@ def free_projections(
         Recorded by :func:`hydraclean.training.train`.
     module : nn.Module
         The architecture (its weights are replaced by ``w_0``).
-    X, y : Tensor
-        Training data on the module's device.
+    X, y : Tensor (or DatasetInputs for X)
+        Training data on the module's device (:mod:`hydraclean.batches`).
     criterion : nn.Module
         Per-sample loss, ``reduction="none"``.
     directions : Tensor of shape (K, n_params)
@@ -114,7 +115,7 @@ def free_projections(
                                trajectory.autocast)
 
     def on_step(model: nn.Module, t: int, idx: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor) -> None:
-        with step_rng(trajectory.seeds[t], X.device):
+        with step_rng(trajectory.seeds[t], y.device):
             projector.add(model, idx, xb, yb, float(weights[t]))
 
     if store is None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -27,13 +28,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from .batches import Inputs, step_inputs
 from .schedules import Schedule, learning_rates
 
 __all__ = [
     "SampleTrace",
     "Trajectory",
     "autocast",
-    "epoch_batches",
     "evaluate_model",
     "learning_shortfall",
     "make_optimizer",
@@ -175,7 +176,7 @@ def step_rng(seed: int, device: torch.device) -> Iterator[None]:
 
 def run_sgd(
     model: nn.Module,
-    X: torch.Tensor,
+    X: Inputs,
     y: torch.Tensor,
     criterion: nn.Module,
     trajectory: Trajectory,
@@ -192,8 +193,11 @@ def run_sgd(
     ----------
     model : nn.Module
         Holds ``w_0`` on entry and ``w_T`` on return; trained in train mode.
-    X, y : Tensor
-        All training inputs and integer targets, on the model's device.
+    X : Tensor or DatasetInputs
+        All training inputs on the model's device, or a Dataset that loads
+        them batch by batch (:mod:`hydraclean.batches`).
+    y : Tensor
+        Integer targets of every training sample, on the model's device.
     criterion : nn.Module
         Per-sample loss with ``reduction="none"``.
     trajectory : Trajectory
@@ -230,19 +234,19 @@ def run_sgd(
         once per epoch so that the GPU is not synchronised at every step).
     """
     model.train()
-    device = X.device
+    device, dtype = y.device, next(p for p in model.parameters() if p.is_floating_point()).dtype
     optimizer = make_optimizer(model, trajectory)
-    step_loss = torch.empty(trajectory.n_steps, dtype=X.dtype, device=device)
+    step_loss = torch.empty(trajectory.n_steps, dtype=dtype, device=device)
     step_correct = torch.empty(trajectory.n_steps, dtype=torch.int64, device=device)
-    sample_loss = torch.zeros(trajectory.n_samples, dtype=X.dtype, device=device)
+    sample_loss = torch.zeros(trajectory.n_samples, dtype=dtype, device=device)
     sample_proba = None
     steps_per_epoch = -(-trajectory.n_samples // trajectory.batch_size)
     epochs = range(trajectory.order.shape[0])
-    order = torch.as_tensor(trajectory.order, device=device)  # one copy, no transfer per step
+    steps = step_inputs(X, trajectory)  # one iterator over the run: one DataLoader for a Dataset
     for epoch in progress(epochs, desc) if progress else epochs:
         first = epoch * steps_per_epoch
-        for t, idx in epoch_batches(trajectory, order, epoch):
-            xb, yb = X[idx], y[idx]
+        for t, idx, xb in itertools.islice(steps, steps_per_epoch):
+            yb = y[idx]
             if on_step is not None:
                 on_step(model, t, idx, xb, yb)
             if store is not None:
@@ -250,10 +254,10 @@ def run_sgd(
             logits, losses, loss = sgd_step(model, optimizer, criterion, trajectory, t, xb, yb)
             if store is not None:
                 store.after_step(t, idx)
-            sample_loss.index_add_(0, idx, losses.detach().to(X.dtype))
+            sample_loss.index_add_(0, idx, losses.detach().to(dtype))
             if sample_proba is None:
                 sample_proba = sample_loss.new_zeros(trajectory.n_samples, logits.shape[1])
-            sample_proba.index_add_(0, idx, logits.detach().to(X.dtype).softmax(1))
+            sample_proba.index_add_(0, idx, logits.detach().to(dtype).softmax(1))
             step_loss[t] = loss.detach()
             step_correct[t] = (logits.detach().argmax(1) == yb).sum()
         _check_finite(step_loss[first : first + steps_per_epoch], epoch, first, trajectory)
@@ -271,14 +275,6 @@ def make_optimizer(model: nn.Module, trajectory: Trajectory) -> torch.optim.SGD:
         momentum=trajectory.momentum,
         weight_decay=trajectory.weight_decay,
     )
-
-
-def epoch_batches(trajectory: Trajectory, order: torch.Tensor, epoch: int) -> Iterator[tuple[int, torch.Tensor]]:
-    """``(t, indices)`` of every step of ``epoch``; ``order`` is ``trajectory.order`` on the device."""
-    bs = trajectory.batch_size
-    steps_per_epoch = -(-trajectory.n_samples // bs)
-    for k in range(steps_per_epoch):
-        yield epoch * steps_per_epoch + k, order[epoch, k * bs : (k + 1) * bs]
 
 
 def sgd_step(
@@ -324,7 +320,7 @@ def _check_finite(losses: torch.Tensor, epoch: int, first: int, trajectory: Traj
 
 def train(
     module: nn.Module,
-    X: torch.Tensor,
+    X: Inputs,
     y: torch.Tensor,
     criterion: nn.Module,
     trajectory: Trajectory,
@@ -339,7 +335,7 @@ def train(
     Parameters
     ----------
     module : nn.Module
-        Untouched; its weights are ``w_0``. Must already be on ``X.device``.
+        Untouched; its weights are ``w_0``. Must already be on ``y.device``.
     X, y, criterion, trajectory, on_step, progress, store
         As in :func:`run_sgd`.
     validation : (X_val, y_val), optional
@@ -370,7 +366,7 @@ def train(
     step_loss, step_correct, trace = run_sgd(
         model, X, y, criterion, trajectory, on_step=on_step, on_epoch_end=evaluate, progress=progress, store=store
     )
-    sizes = torch.as_tensor(trajectory.batch_sizes(), device=X.device)
+    sizes = torch.as_tensor(trajectory.batch_sizes(), device=y.device)
     n_epochs = trajectory.order.shape[0]
     history["train_loss"] = (
         (step_loss * sizes).reshape(n_epochs, -1).sum(1) / trajectory.n_samples
@@ -437,7 +433,7 @@ def evaluate_model(
 def replay(
     trajectory: Trajectory,
     module: nn.Module,
-    X: torch.Tensor,
+    X: Inputs,
     y: torch.Tensor,
     criterion: nn.Module,
     on_step: StepCallback,

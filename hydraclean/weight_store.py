@@ -19,6 +19,7 @@ before each step) and later hands back the exact weights (:meth:`WeightStore.wal
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import os
 import re
@@ -28,8 +29,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from .batches import Inputs, step_inputs
 from .gradients import flatten, parameter_dict, unflatten
-from .training import Progress, StepCallback, Trajectory, epoch_batches, make_optimizer, sgd_step
+from .training import Progress, StepCallback, Trajectory, make_optimizer, sgd_step
 
 __all__ = ["WeightStore", "parse_bytes"]
 
@@ -155,7 +157,7 @@ class WeightStore:
         self,
         trajectory: Trajectory,
         module: nn.Module,
-        X: torch.Tensor,
+        X: Inputs,
         y: torch.Tensor,
         criterion: nn.Module,
         on_step: StepCallback,
@@ -170,11 +172,12 @@ class WeightStore:
         model.load_state_dict(trajectory.initial_state)
         model.train()
         optimizer = make_optimizer(model, trajectory) if self.interval > 1 else None
-        order = torch.as_tensor(trajectory.order, device=X.device)
+        steps = step_inputs(X, trajectory)
+        per_epoch = -(-trajectory.n_samples // trajectory.batch_size)
         epochs = range(trajectory.order.shape[0])
-        for epoch in progress(epochs, "scoring") if progress else epochs:
-            for t, idx in epoch_batches(trajectory, order, epoch):
-                xb, yb = X[idx], y[idx]
+        for _ in progress(epochs, "scoring") if progress else epochs:
+            for t, idx, xb in itertools.islice(steps, per_epoch):
+                yb = y[idx]
                 if t % self.interval == 0:
                     self._load(t, model, optimizer)
                 on_step(model, t, idx, xb, yb)

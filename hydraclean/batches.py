@@ -1,0 +1,161 @@
+"""Where each recorded training batch comes from: tensors on the device, or a torch Dataset.
+
+The trajectory fixes which samples step ``t`` takes (``trajectory.order``);
+every pass over the run (training, checkpoint recomputation, ``explain``'s
+replay) asks for the inputs of those samples here:
+
+- a tensor ``X`` on the device: the batch is ``X[idx]``;
+- :class:`DatasetInputs`, a map-style ``torch.utils.data.Dataset``: the
+  recorded batches are loaded by index through one ``DataLoader`` per pass
+  (worker processes, pinned memory for a GPU), so the whole set is never in
+  memory. A random transform inside the dataset draws from a generator
+  seeded by :func:`sample_seed` of the step's seed and the sample's index,
+  so every pass over step ``t`` sees the same augmented inputs.
+
+Labels never come from here: they are the checked label codes, a tensor ``y``
+on the device, indexed by the same ``idx``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Union
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+if TYPE_CHECKING:
+    from .training import Trajectory
+
+__all__ = ["DatasetInputs", "Inputs", "first_inputs", "materialize", "sample_seed", "step_inputs"]
+
+_MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
+
+
+def sample_seed(step_seed: int, index: int) -> int:
+    """A 63-bit seed for sample ``index`` in the step whose seed is ``step_seed`` (splitmix64 mixing).
+
+    Depends on nothing else (not on the batch, the worker or the process), so a
+    sample's augmentation in a step is the same wherever it is loaded.
+    """
+    z = (int(step_seed) * _MIX[0] + int(index) + 1) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * _MIX[1]) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * _MIX[2]) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) >> 1
+
+
+class _SeededItems(Dataset):
+    """``dataset[i]``'s input, drawn under :func:`sample_seed` for keys ``(step_seed, i)``.
+
+    Seeds torch's default generator and Python's ``random`` (torchvision's
+    transforms draw from them) and restores both afterwards.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
+        step_seed, i = key
+        seed = sample_seed(step_seed, i)
+        state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            random.seed(seed)
+            try:
+                item = self.dataset[i]
+            finally:
+                random.setstate(state)
+        x = item[0] if isinstance(item, (tuple, list)) else item
+        return torch.as_tensor(x)
+
+
+class DatasetInputs:
+    """The inputs of a map-style Dataset, loaded batch by batch in the recorded order.
+
+    Parameters
+    ----------
+    dataset : torch.utils.data.Dataset
+        Map-style; ``dataset[i]`` is ``(x, label)`` or ``x``, with ``x`` a
+        tensor or array of one fixed shape (after its transform). The label is
+        not read here.
+    device : torch.device
+        Where the batches go.
+    dtype : torch.dtype
+        The module's floating dtype; inputs are cast to it.
+    num_workers : int, default=0
+        ``DataLoader`` worker processes.
+    pin_memory : bool, default=False
+        Page-locked host batches, for asynchronous copies to a GPU.
+    """
+
+    def __init__(self, dataset: Dataset, device: torch.device, dtype: torch.dtype, num_workers: int = 0,
+                 pin_memory: bool = False) -> None:
+        self.dataset = dataset
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def load(self, keys: list[list[tuple[int, int]]]) -> Iterator[torch.Tensor]:
+        """The input batches for the given ``(step_seed, index)`` keys, one list per batch, in order."""
+        loader = DataLoader(_SeededItems(self.dataset), batch_sampler=keys, num_workers=self.num_workers,
+                            pin_memory=self.pin_memory, collate_fn=default_collate,
+                            persistent_workers=False)
+        for xb in loader:
+            yield xb.to(self.device, dtype=self.dtype, non_blocking=self.pin_memory)
+
+    def steps(self, trajectory: Trajectory, first_step: int = 0) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """``(t, idx, xb)`` for every step from ``first_step`` on, through one DataLoader."""
+        bs, n = trajectory.batch_size, trajectory.n_samples
+        per_epoch = -(-n // bs)
+        plan = []
+        for t in range(first_step, trajectory.n_steps):
+            epoch, k = divmod(t, per_epoch)
+            plan.append((t, trajectory.order[epoch, k * bs : (k + 1) * bs]))
+        keys = [[(int(trajectory.seeds[t]), int(i)) for i in rows] for t, rows in plan]
+        order = torch.as_tensor(trajectory.order, device=self.device)
+        for (t, _), xb in zip(plan, self.load(keys)):
+            epoch, k = divmod(t, per_epoch)
+            yield t, order[epoch, k * bs : (k + 1) * bs], xb
+
+
+#: Training inputs: a tensor on the device, or a Dataset loaded by index.
+Inputs = Union[torch.Tensor, DatasetInputs]
+
+
+def step_inputs(X: Inputs, trajectory: Trajectory) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """``(t, idx, xb)`` for every step of the run, in order: ``idx`` on the device, ``xb`` its inputs."""
+    if isinstance(X, DatasetInputs):
+        yield from X.steps(trajectory)
+        return
+    order = torch.as_tensor(trajectory.order, device=X.device)  # one copy, no transfer per step
+    bs, per_epoch = trajectory.batch_size, -(-trajectory.n_samples // trajectory.batch_size)
+    for epoch in range(trajectory.order.shape[0]):
+        for k in range(per_epoch):
+            idx = order[epoch, k * bs : (k + 1) * bs]
+            yield epoch * per_epoch + k, idx, X[idx]
+
+
+def first_inputs(X: Inputs, k: int) -> torch.Tensor:
+    """The inputs of the first ``k`` samples (a probe of shapes), without augmentation seeds of any step."""
+    if isinstance(X, DatasetInputs):
+        return next(iter(X.load([[(0, i) for i in range(min(k, len(X)))]])))
+    return X[:k]
+
+
+def materialize(dataset: Dataset, rows: np.ndarray | None = None, batch_size: int = 256, num_workers: int = 0
+                ) -> torch.Tensor:
+    """Stack the inputs of ``dataset`` (or of its ``rows``) into one CPU tensor, each drawn under seed 0."""
+    rows = np.arange(len(dataset)) if rows is None else np.asarray(rows)
+    keys = [[(0, int(i)) for i in rows[s : s + batch_size]] for s in range(0, rows.size, batch_size)]
+    loader = DataLoader(_SeededItems(dataset), batch_sampler=keys, num_workers=num_workers,
+                        collate_fn=default_collate)
+    return torch.cat(list(loader))
