@@ -106,13 +106,16 @@ def test_which_modules_get_layer_factors(module, expected):
     [
         nn.Conv2d(3, 4, 3, stride=2, padding=1),
         nn.Conv2d(2, 3, (3, 2), dilation=(2, 1), padding=(1, 0), bias=False),
-        nn.Conv2d(3, 5, 1),  # the batched-product route
+        nn.Conv2d(3, 5, 1),  # the Linear-over-positions route
         nn.Conv2d(3, 5, 1, stride=2),
+        nn.Conv2d(40, 2, 3, padding=1),  # unfolded input above UNFOLD_LIMIT: the grouped convolution
+        nn.Conv2d(64, 2, 3, stride=2, dilation=2, padding=2),
     ],
 )
 def test_conv_sample_gradients_equal_one_backward_per_sample(conv):
     conv = conv.double()
-    a = torch.randn(4, conv.in_channels, 7, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    size = (7, 6) if conv.in_channels < 40 else (30, 30)
+    a = torch.randn(4, conv.in_channels, *size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     delta = torch.randn_like(conv(a)).detach()
     expected = []
     for i in range(4):
