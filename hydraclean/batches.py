@@ -19,7 +19,7 @@ on the device, indexed by the same ``idx``.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Union
 
 import numpy as np
@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 if TYPE_CHECKING:
     from .training import Trajectory
 
-__all__ = ["DatasetInputs", "Inputs", "first_inputs", "materialize", "sample_seed", "step_inputs"]
+__all__ = ["DatasetInputs", "Inputs", "first_inputs", "materialize", "sample_seed", "sample_shape", "step_inputs"]
 
 _MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
 
@@ -104,7 +104,7 @@ class DatasetInputs:
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def load(self, keys: list[list[tuple[int, int]]]) -> Iterator[torch.Tensor]:
+    def load(self, keys: Iterable[list[tuple[int, int]]]) -> Iterator[torch.Tensor]:
         """The input batches for the given ``(step_seed, index)`` keys, one list per batch, in order."""
         loader = DataLoader(_SeededItems(self.dataset), batch_sampler=keys, num_workers=self.num_workers,
                             pin_memory=self.pin_memory, collate_fn=default_collate,
@@ -114,17 +114,25 @@ class DatasetInputs:
 
     def steps(self, trajectory: Trajectory, first_step: int = 0) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """``(t, idx, xb)`` for every step from ``first_step`` on, through one DataLoader."""
-        bs, n = trajectory.batch_size, trajectory.n_samples
-        per_epoch = -(-n // bs)
-        plan = []
-        for t in range(first_step, trajectory.n_steps):
-            epoch, k = divmod(t, per_epoch)
-            plan.append((t, trajectory.order[epoch, k * bs : (k + 1) * bs]))
-        keys = [[(int(trajectory.seeds[t]), int(i)) for i in rows] for t, rows in plan]
-        order = torch.as_tensor(trajectory.order, device=self.device)
-        for (t, _), xb in zip(plan, self.load(keys)):
-            epoch, k = divmod(t, per_epoch)
-            yield t, order[epoch, k * bs : (k + 1) * bs], xb
+        order = torch.as_tensor(trajectory.order)
+        keys = _StepKeys(trajectory, order, first_step)
+        for (t, rows), xb in zip(_batches(trajectory, order, first_step), self.load(keys)):
+            yield t, rows.to(self.device), xb
+
+
+class _StepKeys:
+    """The DataLoader's batch sampler: ``[(step seed, index), ...]`` per step, made as they are asked for."""
+
+    def __init__(self, trajectory: Trajectory, order: torch.Tensor, first_step: int) -> None:
+        self.trajectory, self.order, self.first_step = trajectory, order, first_step
+
+    def __len__(self) -> int:
+        return self.trajectory.n_steps - self.first_step
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for t, rows in _batches(self.trajectory, self.order, self.first_step):
+            seed = int(self.trajectory.seeds[t])
+            yield [(seed, i) for i in rows.tolist()]
 
 
 #: Training inputs: a tensor on the device, or a Dataset loaded by index.
@@ -132,23 +140,40 @@ Inputs = Union[torch.Tensor, DatasetInputs]
 
 
 def step_inputs(X: Inputs, trajectory: Trajectory) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """``(t, idx, xb)`` for every step of the run, in order: ``idx`` on the device, ``xb`` its inputs."""
+    """``(t, idx, xb)`` for every step of the run, in order: ``idx`` on the device, ``xb`` its inputs.
+
+    In a data-parallel run ``idx`` is this rank's share of the batch.
+    """
     if isinstance(X, DatasetInputs):
         yield from X.steps(trajectory)
         return
     order = torch.as_tensor(trajectory.order, device=X.device)  # one copy, no transfer per step
+    for t, idx in _batches(trajectory, order):
+        yield t, idx, X[idx]
+
+
+def _batches(trajectory: Trajectory, order: torch.Tensor, first_step: int = 0
+             ) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(t, idx)`` of every step from ``first_step``: the batch, or this rank's share of it."""
     bs, per_epoch = trajectory.batch_size, -(-trajectory.n_samples // trajectory.batch_size)
-    for epoch in range(trajectory.order.shape[0]):
-        for k in range(per_epoch):
-            idx = order[epoch, k * bs : (k + 1) * bs]
-            yield epoch * per_epoch + k, idx, X[idx]
+    for t in range(first_step, trajectory.n_steps):
+        epoch, k = divmod(t, per_epoch)
+        idx = order[epoch, k * bs : (k + 1) * bs]
+        yield t, idx if trajectory.shard is None else trajectory.shard.split(idx)
 
 
 def first_inputs(X: Inputs, k: int) -> torch.Tensor:
-    """The inputs of the first ``k`` samples (a probe of shapes), without augmentation seeds of any step."""
+    """The inputs of the first ``k`` samples, a probe of shapes (a Dataset's drawn under seed 0, in process)."""
     if isinstance(X, DatasetInputs):
-        return next(iter(X.load([[(0, i) for i in range(min(k, len(X)))]])))
+        items = _SeededItems(X.dataset)
+        xb = torch.stack([items[(0, i)] for i in range(min(k, len(X)))])
+        return xb.to(X.device, dtype=X.dtype)
     return X[:k]
+
+
+def sample_shape(dataset: Dataset) -> tuple[int, ...]:
+    """The shape of one input of ``dataset`` (its first, drawn under seed 0)."""
+    return tuple(_SeededItems(dataset)[(0, 0)].shape)
 
 
 def materialize(dataset: Dataset, rows: np.ndarray | None = None, batch_size: int = 256, num_workers: int = 0

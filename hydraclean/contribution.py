@@ -167,15 +167,19 @@ def fit_contributions(
         if factors is None:
             store = WeightStore(module, trajectory.n_steps, max_memory, spill_dir)
     else:
+        if trajectory.shard is not None:
+            raise ValueError("hessian='exact' runs in one process: pass distributed=False (or hessian='free').")
         if exact_indices is None:
             exact_indices = torch.arange(n, device=y.device)
         tracker = ExactTracker(module, criterion, trajectory, exact_indices, chunk_size=chunk_size)
-    model, history, trace = train(
-        module, X, y, criterion, trajectory, on_step=tracker, validation=(X_val, y_val), progress=progress,
-        store=factors or store,
-    )
-    if factors is not None:
-        factors.detach()
+    try:
+        model, history, trace = train(
+            module, X, y, criterion, trajectory, on_step=tracker, validation=(X_val, y_val), progress=progress,
+            store=factors or store,
+        )
+    finally:  # the hooks leave the training model also when training fails
+        if factors is not None:
+            factors.detach()
     if n_classes is None:
         n_classes = int(max(y.max(), y_val.max())) + 1
     class_grads = class_validation_gradients(model, X_val, y_val, criterion, n_classes)
@@ -194,6 +198,8 @@ def fit_contributions(
         directions[0] = validation_gradients(model, X_val, y_val, criterion)[0]
     if n_rows:
         per_sample_validation_gradients(model, X_val, y_val, criterion, val_rows, out=directions[1 + n_present :])
+    if trajectory.shard is not None:  # every rank projects on rank 0's directions
+        trajectory.shard.broadcast(directions)
     rows = None if val_rows is None else (model, X_val[val_rows], y_val[val_rows])
     if factors is not None:
         projections = factors.project(LayerFactorProjector(module, criterion, directions, n, rows))
@@ -204,6 +210,9 @@ def fit_contributions(
     else:
         projections = torch.full((n, directions.shape[0]), float("nan"), dtype=directions.dtype, device=y.device)
         projections[exact_indices] = tracker.nabla @ directions.T
+    if trajectory.shard is not None:  # each rank holds its samples' rows, zeros elsewhere
+        trajectory.shard.all_reduce(projections)
+        trajectory.shard.finish()
     scores = contributions_from_projections(projections, n).double().cpu().numpy()
     by_class = np.full((n, n_classes), np.nan)
     by_class[:, present.cpu().numpy()] = scores[:, 1 : 1 + n_present]

@@ -11,7 +11,15 @@ import torch
 from sklearn.model_selection import train_test_split
 from sklearn.utils import _safe_indexing
 
-__all__ = ["check_features", "check_labels", "resolve_validation_rows", "scale_mismatch", "select_rows"]
+__all__ = [
+    "check_features",
+    "check_labels",
+    "dataset_labels",
+    "is_dataset",
+    "resolve_validation_rows",
+    "scale_mismatch",
+    "select_rows",
+]
 
 
 def check_features(X, name: str = "X", copy: bool = True) -> np.ndarray:
@@ -34,11 +42,20 @@ def check_features(X, name: str = "X", copy: bool = True) -> np.ndarray:
         When ``X`` is complex, empty, has no features, is 1-D or scalar, or
         holds NaN or inf.
     """
-    if isinstance(X, (torch.utils.data.Dataset, torch.utils.data.DataLoader)):
+    if isinstance(X, torch.utils.data.DataLoader):
         raise TypeError(
-            f"{name} is a torch {'DataLoader' if isinstance(X, torch.utils.data.DataLoader) else 'Dataset'}; "
-            "hydraclean takes the samples as one array (numpy array, torch tensor or nested list): stack "
-            f"them first, e.g. {name} = torch.stack([x for x, _ in dataset])."
+            f"{name} is a torch DataLoader; pass its map-style Dataset ({name}=loader.dataset): hydraclean loads "
+            "the batches of the recorded run itself (num_workers sets the loader's workers)."
+        )
+    if isinstance(X, torch.utils.data.IterableDataset):
+        raise TypeError(
+            f"{name} is a torch IterableDataset; hydraclean loads the recorded batches by index: pass a map-style "
+            "Dataset (with __getitem__ and __len__) or one array."
+        )
+    if isinstance(X, torch.utils.data.Dataset):
+        raise TypeError(
+            f"{name} is a torch Dataset without a length; pass a map-style Dataset (with __getitem__ and __len__) "
+            f"or one array, e.g. {name} = torch.stack([x for x, _ in dataset])."
         )
     if isinstance(X, torch.Tensor):
         X = X.detach().cpu().numpy()
@@ -197,9 +214,45 @@ def resolve_validation_rows(
     return out, True
 
 
+def is_dataset(X) -> bool:
+    """Whether ``X`` is a map-style torch Dataset (indexable, with a length)."""
+    return (isinstance(X, torch.utils.data.Dataset) and not isinstance(X, torch.utils.data.IterableDataset)
+            and hasattr(X, "__len__"))
+
+
+def dataset_labels(dataset, name: str = "X") -> np.ndarray:
+    """The labels of a map-style Dataset: its ``targets`` attribute, else the second item of every sample.
+
+    ``targets`` (torchvision's ImageFolder, MNIST, CIFAR and others have it)
+    costs nothing; otherwise every sample is read once, transforms included.
+    ``Subset`` takes its parent's targets at its indices.
+    """
+    n = len(dataset)
+    if isinstance(dataset, torch.utils.data.Subset):
+        parent = dataset_labels(dataset.dataset, name) if hasattr(dataset.dataset, "targets") else None
+        if parent is not None:
+            return parent[np.asarray(dataset.indices)]
+    targets = getattr(dataset, "targets", None)
+    if targets is not None:
+        return check_labels(targets, n, f"{name}.targets")
+    labels = []
+    for i in range(n):
+        item = dataset[i]
+        if not (isinstance(item, (tuple, list)) and len(item) >= 2):
+            raise ValueError(
+                f"{name}[{i}] is not an (input, label) pair, and {name} has no targets attribute: pass the labels "
+                "as y."
+            )
+        label = item[1]
+        labels.append(label.item() if isinstance(label, torch.Tensor) else label)
+    return check_labels(labels, n, f"the labels of {name}")
+
+
 def select_rows(X, mask: np.ndarray):
-    """``X[mask]`` in X's own container (numpy, torch, list, pandas)."""
+    """``X[mask]`` in X's own container (numpy, torch, list, pandas; a torch Dataset gives a Subset)."""
     rows = np.flatnonzero(mask)
+    if is_dataset(X):
+        return torch.utils.data.Subset(X, rows.tolist())
     if isinstance(X, torch.Tensor):
         return X[torch.as_tensor(rows, device=X.device)]
     if isinstance(X, (np.ndarray, list)) or hasattr(X, "iloc"):

@@ -12,7 +12,7 @@ import copy
 import inspect
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from numbers import Integral, Real
 
 import numpy as np
@@ -34,7 +34,17 @@ from .contribution import (
 from .gradients import per_sample_validation_gradients
 from .hypergradient import free_projections
 from .scoring import SCORES
-from .data import check_features, check_labels, resolve_validation_rows, scale_mismatch, select_rows
+from .batches import DatasetInputs, Inputs, first_inputs, materialize, sample_shape
+from .distributed import current_shard
+from .data import (
+    check_features,
+    check_labels,
+    dataset_labels,
+    is_dataset,
+    resolve_validation_rows,
+    scale_mismatch,
+    select_rows,
+)
 from .training import learning_shortfall, plan_trajectory, step_rng
 from .weight_store import parse_bytes
 
@@ -70,11 +80,12 @@ class _Inputs:
 
     y_all: np.ndarray  # labels of every row of X, as given
     val_mask: np.ndarray  # rows of X that are trusted validation rows
-    X_train: np.ndarray
+    X_train: np.ndarray | torch.utils.data.Dataset  # a Dataset stays one: loaded batch by batch
     y_train: np.ndarray  # codes into classes
     X_val: np.ndarray
     y_val: np.ndarray  # codes into classes
     classes: np.ndarray
+    input_shape: tuple  # one sample's shape
 
 
 class _HydraBase(BaseEstimator):
@@ -105,6 +116,8 @@ class _HydraBase(BaseEstimator):
         "criterion": [nn.Module, None],
         "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
         "device": [str, torch.device],
+        "num_workers": [Interval(Integral, 0, None, closed="left")],
+        "distributed": ["boolean", StrOptions({"auto"})],
         "autocast": [StrOptions({"bfloat16", "float16"}), None],
         "max_memory": [Interval(Integral, 1, None, closed="left"), str],
         "spill_dir": [str, os.PathLike, None],
@@ -131,6 +144,8 @@ class _HydraBase(BaseEstimator):
         criterion: nn.Module | None = None,
         validation_fraction: float = 0.1,
         device="auto",
+        num_workers: int = 0,
+        distributed: bool | str = "auto",
         autocast: str | None = None,
         max_memory: int | str = "1GB",
         spill_dir: str | os.PathLike | None = None,
@@ -153,25 +168,33 @@ class _HydraBase(BaseEstimator):
         self.criterion = criterion
         self.validation_fraction = validation_fraction
         self.device = device
+        self.num_workers = num_workers
+        self.distributed = distributed
         self.autocast = autocast
         self.max_memory = max_memory
         self.spill_dir = spill_dir
         self.random_state = random_state
         self.verbose = verbose
 
-    def fit(self, X, y, X_val=None, y_val=None, validation_mask=None):
+    def fit(self, X, y=None, X_val=None, y_val=None, validation_mask=None):
         """Train the module while tracking hypergradients, score and flag every sample.
 
         Parameters
         ----------
-        X : array-like of shape (n_samples, ...)
+        X : array-like of shape (n_samples, ...) or torch.utils.data.Dataset
             Training inputs, in the shape the module expects (numpy array,
-            torch tensor or nested list). Never modified.
-        y : array-like of shape (n_samples,)
+            torch tensor or nested list), never modified; or a map-style
+            Dataset of ``(input, label)`` pairs, loaded batch by batch in the
+            recorded order (``num_workers``), random transforms reproduced
+            in every pass (see :mod:`hydraclean.batches`).
+        y : array-like of shape (n_samples,), optional
             Observed, possibly noisy, class labels (integers or strings).
-        X_val, y_val : array-like, optional
+            Required for arrays; for a Dataset, its ``targets`` attribute or
+            the labels it yields are used when ``y`` is None.
+        X_val, y_val : array-like or Dataset, optional
             A trusted (clean) validation set, with X's trailing shape and
-            labels seen in ``y``.
+            labels seen in ``y``. A Dataset is read into memory once (give it
+            evaluation transforms); ``y_val`` then defaults to its labels.
         validation_mask : array-like of bool of shape (n_samples,) or of int, optional
             Rows of ``X`` that form the trusted validation set instead (useful
             inside a Pipeline, whose earlier steps do not transform ``X_val``).
@@ -188,7 +211,7 @@ class _HydraBase(BaseEstimator):
             setattr(self, name, fitted[name])
         return self
 
-    def fit_resample(self, X, y, X_val=None, y_val=None, validation_mask=None):
+    def fit_resample(self, X, y=None, X_val=None, y_val=None, validation_mask=None):
         """Fit, then return ``(X[support_], y[support_])``.
 
         Parameters
@@ -199,12 +222,15 @@ class _HydraBase(BaseEstimator):
         Returns
         -------
         X_resampled : same container as X, shape (n_kept, ...)
+            A ``Subset`` for a Dataset.
         y_resampled : same container as y, shape (n_kept,)
+            For a Dataset without ``y``: its labels as an array.
         """
         support = self.fit(X, y, X_val=X_val, y_val=y_val, validation_mask=validation_mask).support_
-        return select_rows(X, support), select_rows(y, support)
+        labels = y if y is not None or not is_dataset(X) else dataset_labels(X)
+        return select_rows(X, support), select_rows(labels, support)
 
-    def explain(self, X_val, y_val, k: int = 10) -> Explanation:
+    def explain(self, X_val, y_val=None, k: int = 10) -> Explanation:
         """The training samples that helped and hurt each given validation sample most.
 
         Replays the recorded training run once (no retraining) with the
@@ -213,10 +239,11 @@ class _HydraBase(BaseEstimator):
 
         Parameters
         ----------
-        X_val : array-like of shape (n_explained, ...)
-            Samples to explain, shaped as ``X``.
+        X_val : array-like of shape (n_explained, ...) or torch.utils.data.Dataset
+            Samples to explain, shaped as ``X`` (a Dataset is read into memory).
         y_val : array-like of shape (n_explained,)
-            Their labels (the loss whose change is attributed), from ``classes_``.
+            Their labels (the loss whose change is attributed), from
+            ``classes_``; for a Dataset, its labels when None.
         k : int, default=10
             Samples listed on each side.
 
@@ -227,6 +254,11 @@ class _HydraBase(BaseEstimator):
             to :meth:`fit`, shape (n_explained, k), with their ``C(i, j)``.
         """
         check_is_fitted(self)
+        if is_dataset(X_val):
+            y_val = dataset_labels(X_val, "X_val") if y_val is None else y_val
+            X_val = materialize(X_val).numpy()
+        elif y_val is None:
+            raise ValueError("y_val is required: the labels of the samples to explain.")
         Xv = check_features(X_val, "X_val")
         yv = check_labels(y_val, Xv.shape[0], "y_val")
         if Xv.shape[1:] != self.input_shape_:
@@ -238,16 +270,21 @@ class _HydraBase(BaseEstimator):
             raise ValueError(f"k must be a positive integer, got {k!r}.")
         device = self.device_ if self.device_.type == "cpu" or torch.cuda.is_available() else torch.device("cpu")
         dtype = _floating_dtype(self.module_)
-        X_tr, y_tr = (t.to(device) for t in self._train_data)
+        X_tr = self._training_inputs(self._train_data[0], device, dtype)
+        y_tr = self._train_data[1].to(device)
         Xv_t = torch.as_tensor(Xv, dtype=dtype, device=device)
         yv_t = torch.as_tensor(np.searchsorted(self.classes_, yv), device=device)
         model = self.module_.to(device)
         G = per_sample_validation_gradients(model, Xv_t, yv_t, self._criterion, torch.arange(len(yv), device=device))
         # module_ supplies the architecture; the replay starts from the recorded w_0
-        P = free_projections(self.trajectory_, model, X_tr, y_tr, self._criterion, G, progress=self._progress(),
+        trajectory = replace(self.trajectory_, shard=current_shard(self.distributed))
+        P = free_projections(trajectory, model, X_tr, y_tr, self._criterion, G, progress=self._progress(),
                              rows=(model, Xv_t, yv_t))
+        if trajectory.shard is not None:
+            trajectory.shard.all_reduce(P)
+            trajectory.shard.finish()
         C = np.full((self.validation_mask_.size, len(yv)), np.nan)
-        C[~self.validation_mask_] = contributions_from_projections(P, X_tr.shape[0]).double().cpu().numpy()
+        C[~self.validation_mask_] = contributions_from_projections(P, len(y_tr)).double().cpu().numpy()
         return top_contributors(C, k)
 
     def __getstate__(self):
@@ -278,20 +315,31 @@ class _HydraBase(BaseEstimator):
         return self._decide(data, result, run, int(feature_seed))
 
     def _resolve_inputs(self, X, y, X_val, y_val, validation_mask, split_seed) -> _Inputs:
-        """Checked arrays: the training rows, the trusted validation rows and the label codes."""
-        X_all = check_features(X)
-        y_all = check_labels(y, X_all.shape[0])
-        if X_all.shape[0] < 2:
+        """Checked arrays: the training rows, the trusted validation rows and the label codes.
+
+        A Dataset ``X`` stays a Dataset (its training rows a ``Subset``); only
+        the validation rows are read into an array.
+        """
+        dataset = is_dataset(X)
+        if y is None and not dataset:
+            raise ValueError(f"{type(self).__name__} requires y to be passed, but the target y is None: pass the "
+                             "observed labels of X (only a torch Dataset carries its own).")
+        X_all = X if dataset else check_features(X)
+        n_all = len(X_all)
+        y_all = check_labels(y, n_all) if y is not None else dataset_labels(X)
+        if n_all < 2:
             raise ValueError(
-                f"Found n_samples={X_all.shape[0]}: cleaning needs at least 2 samples of at least 2 classes."
+                f"Found n_samples={n_all}: cleaning needs at least 2 samples of at least 2 classes."
             )
+        if dataset and X_val is not None and y_val is None and is_dataset(X_val):
+            y_val = dataset_labels(X_val, "X_val")
         if (X_val is None) != (y_val is None):
             raise ValueError("Pass X_val and y_val together, or neither.")
         if X_val is not None and validation_mask is not None:
             raise ValueError("Pass either X_val/y_val or validation_mask, not both.")
         if X_val is None:
             val_mask, drawn = resolve_validation_rows(
-                X_all.shape[0], y_all, validation_mask, self.validation_fraction, split_seed
+                n_all, y_all, validation_mask, self.validation_fraction, split_seed
             )
             if drawn:
                 warnings.warn(
@@ -302,21 +350,26 @@ class _HydraBase(BaseEstimator):
                     UserWarning,
                     stacklevel=4,
                 )
-            X_tr, y_tr, X_v, y_v = X_all[~val_mask], y_all[~val_mask], X_all[val_mask], y_all[val_mask]
+            y_tr, y_v = y_all[~val_mask], y_all[val_mask]
+            if dataset:  # the validation rows drawn from X are read once, under seed 0
+                X_tr, X_v = select_rows(X_all, ~val_mask), materialize(X_all, np.flatnonzero(val_mask)).numpy()
+            else:
+                X_tr, X_v = X_all[~val_mask], X_all[val_mask]
         else:
-            val_mask = np.zeros(X_all.shape[0], dtype=bool)
+            val_mask = np.zeros(n_all, dtype=bool)
             X_tr, y_tr = X_all, y_all
-            X_v = check_features(X_val, "X_val")
+            X_v = check_features(materialize(X_val).numpy() if is_dataset(X_val) else X_val, "X_val")
             y_v = check_labels(y_val, X_v.shape[0], "y_val")
-            if X_v.shape[1:] != X_tr.shape[1:]:
+            shape = sample_shape(X_tr) if dataset else X_tr.shape[1:]
+            if X_v.shape[1:] != shape:
                 raise ValueError(
-                    f"X_val has trailing shape {X_v.shape[1:]} but X has {X_tr.shape[1:]}; "
+                    f"X_val has trailing shape {X_v.shape[1:]} but X has {tuple(shape)}; "
                     "both must be shaped as the module expects."
                 )
-            mismatch = scale_mismatch(X_tr, X_v)
+            mismatch = None if dataset else scale_mismatch(X_tr, X_v)
             if mismatch:
                 warnings.warn(mismatch, UserWarning, stacklevel=4)
-        if X_tr.shape[0] == 0:
+        if len(y_tr) == 0:
             raise ValueError("No training rows are left once the validation rows are set aside.")
         classes, y_tr_enc = np.unique(y_tr, return_inverse=True)
         if classes.size < 2:
@@ -329,7 +382,8 @@ class _HydraBase(BaseEstimator):
                 f"The validation labels {unseen.tolist()[:10]} do not occur in the training labels "
                 f"{classes.tolist()[:10]}; every validation class must be seen in training."
             )
-        return _Inputs(y_all, val_mask, X_tr, y_tr_enc, X_v, np.searchsorted(classes, y_v), classes)
+        shape = sample_shape(X_tr) if dataset else X_tr.shape[1:]
+        return _Inputs(y_all, val_mask, X_tr, y_tr_enc, X_v, np.searchsorted(classes, y_v), classes, shape)
 
     def _run(self, data: _Inputs, init_seed: int, train_seed: int, feature_seed: int):
         """Train with the trajectory recorded and compute the contributions (hydraclean.contribution)."""
@@ -337,7 +391,7 @@ class _HydraBase(BaseEstimator):
         max_memory = parse_bytes(self.max_memory)
         if self.spill_dir is not None and not os.path.isdir(self.spill_dir):
             raise ValueError(f"spill_dir={self.spill_dir!r} is not a directory. Create it or pass spill_dir=None.")
-        module = self._build_module(data.X_train.shape[1:], data.classes.size, device, init_seed)
+        module = self._build_module(data.input_shape, data.classes.size, device, init_seed)
         dtype = _floating_dtype(module)
         if self.autocast is not None and self.hessian == "exact":
             raise ValueError("autocast applies to hessian='free' only: the exact mode is the reference computation, "
@@ -345,12 +399,21 @@ class _HydraBase(BaseEstimator):
         if self.autocast is not None and dtype != torch.float32:
             raise ValueError(f"autocast={self.autocast!r} needs a float32 module; this one is {dtype}. Pass "
                              "autocast=None, or a float32 module.")
+        shard = current_shard(self.distributed)
+        if shard is not None and self.hessian == "exact":
+            raise ValueError("hessian='exact' runs in one process: pass distributed=False, or hessian='free'.")
+        if shard is not None and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()):
+            raise ValueError(
+                "A data-parallel fit splits each batch across ranks, and BatchNorm would normalise each share with "
+                "its own statistics: the run would not be the single-process one. Pass distributed=False."
+            )
         criterion = self._resolve_criterion()
         to = lambda a, dt: torch.as_tensor(a, dtype=dt, device=device)  # noqa: E731
-        Xt, Xv = to(data.X_train, dtype), to(data.X_val, dtype)
+        Xt = self._training_inputs(data.X_train, device, dtype)
+        Xv = to(data.X_val, dtype)
         yt, yv = to(data.y_train, torch.long), to(data.y_val, torch.long)
-        _check_forward(module, Xt[:2], data.classes.size)
-        _check_batch_norm_batches(module, Xt.shape[0], self.batch_size)
+        _check_forward(module, first_inputs(Xt, 2), data.classes.size)
+        _check_batch_norm_batches(module, len(yt), self.batch_size)
 
         val_rows = None
         if self.strategy == "cluster":
@@ -358,7 +421,7 @@ class _HydraBase(BaseEstimator):
             val_rows = np.sort(np.random.RandomState(feature_seed).choice(Xv.shape[0], size=m, replace=False))
         exact_rows = self._exact_rows(data.val_mask) if self.hessian == "exact" else None
         trajectory = plan_trajectory(
-            Xt.shape[0],
+            len(yt),
             batch_size=self.batch_size,
             max_epochs=self.max_epochs,
             lr=self.lr,
@@ -367,6 +430,7 @@ class _HydraBase(BaseEstimator):
             weight_decay=self.weight_decay,
             seed=train_seed,
             autocast=None if self.autocast is None else getattr(torch, self.autocast),
+            shard=shard,
         )
         result = fit_contributions(
             module,
@@ -385,7 +449,7 @@ class _HydraBase(BaseEstimator):
             spill_dir=self.spill_dir,
         )
         run = {"device_": device, "val_feature_indices_": val_rows, "_criterion": criterion,
-               "_train_data": (Xt.cpu(), yt.cpu())}
+               "_train_data": (data.X_train if isinstance(Xt, DatasetInputs) else Xt.cpu(), yt.cpu())}
         return result, run
 
     def _decide(self, data: _Inputs, result, run: dict, feature_seed: int) -> dict:
@@ -434,13 +498,19 @@ class _HydraBase(BaseEstimator):
             "label_issues_": issues,
             "support_": ~issues,
             "classes_": data.classes,
-            "n_features_in_": int(np.prod(data.X_train.shape[1:])),
-            "input_shape_": tuple(data.X_train.shape[1:]),
+            "n_features_in_": int(np.prod(data.input_shape)),
+            "input_shape_": tuple(data.input_shape),
             "module_": result.model.eval(),
             "history_": result.history,
             "validation_mask_": data.val_mask,
             "trajectory_": result.trajectory,
         }
+
+    def _training_inputs(self, X, device: torch.device, dtype: torch.dtype) -> Inputs:
+        """The training inputs on ``device``: one tensor, or a Dataset's loader (pinned memory for a GPU)."""
+        if is_dataset(X):
+            return DatasetInputs(X, device, dtype, num_workers=self.num_workers, pin_memory=device.type == "cuda")
+        return torch.as_tensor(X, dtype=dtype, device=device)
 
     def _resolve_device(self) -> torch.device:
         if isinstance(self.device, str) and self.device == "auto":
@@ -638,6 +708,18 @@ class HydraLabelCleaner(TransformerMixin, _HydraBase):
         fraction of ``X`` held out as the validation set (with a warning).
     device : {"auto", "cpu", "cuda"} or torch.device, default="auto"
         "auto" trains on a GPU when there is one.
+    num_workers : int, default=0
+        ``DataLoader`` worker processes that load a Dataset ``X`` (0: in
+        the main process). Arrays ignore it.
+    distributed : bool or "auto", default="auto"
+        Data-parallel fit on ``torch.distributed``: with "auto", when a
+        default process group of several ranks is initialised (a script
+        launched with ``torchrun``), every rank takes its share of each
+        global batch (``batch_size`` stays the global batch), gradients are
+        all-reduced so that every update is the single-process one, each rank
+        scores its share and every rank ends with the same fitted
+        attributes. Call ``fit`` on every rank. False fits in each process
+        alone. See the "Large data" page of the documentation.
     autocast : {"bfloat16", "float16"} or None, default=None
         Run the training steps' forward passes and losses under
         ``torch.autocast`` to this dtype (mixed precision, mainly for GPUs).
@@ -736,7 +818,7 @@ class HydraLabelCleaner(TransformerMixin, _HydraBase):
     (54, 4)
     """
 
-    def fit_transform(self, X, y, X_val=None, y_val=None, validation_mask=None):
+    def fit_transform(self, X, y=None, X_val=None, y_val=None, validation_mask=None):
         """Fit, then return the kept rows ``X[support_]``.
 
         Parameters
@@ -747,6 +829,7 @@ class HydraLabelCleaner(TransformerMixin, _HydraBase):
         Returns
         -------
         X_clean : same container as X, shape (n_kept, ...)
+            A ``Subset`` for a Dataset.
         """
         fitted = self.fit(X, y, X_val=X_val, y_val=y_val, validation_mask=validation_mask)
         return select_rows(X, fitted.support_)
@@ -763,6 +846,8 @@ class HydraLabelCleaner(TransformerMixin, _HydraBase):
         X : the same object
         """
         check_is_fitted(self)
+        if is_dataset(X):
+            return X
         arr = check_features(X, copy=False)
         if arr.shape[1:] != self.input_shape_:
             if arr.ndim == 2 and len(self.input_shape_) == 1:

@@ -112,9 +112,12 @@ def brute_per_sample_grads(module, w, xb, yb, seed, criterion):
     return torch.stack(rows), losses.detach()
 
 
-def free_recurrence(module, X, y, X_val, y_val, traj, criterion):
-    """Hessian-free C(i): per-sample state vectors (nabla_i, dv_i) updated at every step."""
-    n = X.shape[0]
+def free_recurrence(module, X, y, X_val, y_val, traj, criterion, inputs=None):
+    """Hessian-free C(i): per-sample state vectors (nabla_i, dv_i) updated at every step.
+
+    ``inputs(t, idx)``, when given, supplies step t's batch instead of ``X[idx]`` (augmented data).
+    """
+    n = y.shape[0]
     module.train()
     w = flat_params(module)
     v = torch.zeros_like(w)
@@ -123,7 +126,8 @@ def free_recurrence(module, X, y, X_val, y_val, traj, criterion):
     p, lam = traj.momentum, traj.weight_decay
     for t, idx in enumerate(batches(traj)):
         b, eta = idx.numel(), float(traj.lrs[t])
-        grads, _ = brute_per_sample_grads(module, w, X[idx], y[idx], traj.seeds[t], criterion)
+        xb = X[idx] if inputs is None else inputs(t, idx)
+        grads, _ = brute_per_sample_grads(module, w, xb, y[idx], traj.seeds[t], criterion)
         for i in range(n):  # plain loop over every sample, in batch or not
             u = torch.zeros_like(w)
             hits = (idx == i).nonzero()

@@ -341,6 +341,11 @@ def test_invalid_parameters_are_rejected_at_fit(flat):
         HydraLabelCleaner(mlp, criterion=nn.CrossEntropyLoss()).fit(X, y, X_val=Xv, y_val=yv)
 
 
+class _Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return iter(())
+
+
 BAD = [
     ("nan in X", lambda X, y, Xv, yv: (np.where(np.arange(X.size).reshape(X.shape) == 64 * 7 + 5, np.nan, X), y,
                                        Xv, yv), ValueError, r"X contains NaN at row 7, column 5 \(1 non-finite"),
@@ -352,8 +357,8 @@ BAD = [
     ("None in X", lambda X, y, Xv, yv: (np.where(np.arange(X.size).reshape(X.shape) == 64 * 2 + 1, None,
                                                  X.astype(object)), y, Xv, yv),
      ValueError, "missing value .* at row 2, column 1"),
-    ("torch Dataset", lambda X, y, Xv, yv: (torch.utils.data.TensorDataset(torch.as_tensor(X), torch.as_tensor(y)),
-                                            y, Xv, yv), TypeError, "X is a torch Dataset.*torch.stack"),
+    ("torch IterableDataset", lambda X, y, Xv, yv: (_Stream(), y, Xv, yv), TypeError,
+     "X is a torch IterableDataset.*map-style Dataset"),
     ("torch DataLoader", lambda X, y, Xv, yv: (X, y, torch.utils.data.DataLoader(torch.as_tensor(Xv)), yv),
      TypeError, "X_val is a torch DataLoader"),
     ("lengths", lambda X, y, Xv, yv: (X, y[:-1], Xv, yv), ValueError, "same length"),
