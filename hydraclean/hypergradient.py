@@ -115,7 +115,7 @@ def free_projections(
                                trajectory.autocast)
 
     def on_step(model: nn.Module, t: int, idx: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor) -> None:
-        with step_rng(trajectory.seeds[t], y.device):
+        with step_rng(trajectory.step_seed(t), y.device):
             projector.add(model, idx, xb, yb, float(weights[t]))
 
     if store is None:
@@ -181,12 +181,12 @@ class ExactTracker:
         params = parameter_dict(model)
         step = lam * self.nabla
         if self.with_hessian and t > 0:  # nabla_0 = 0, so H nabla_0 = 0
-            with step_rng(traj.seeds[t], xb.device):
+            with step_rng(traj.step_seed(t), xb.device):
                 step += hessian_vector_products(self.loss, params, xb, yb, self.nabla, self.chunk_size)
         slots = self.slot[idx]
         tracked = slots >= 0
         if bool(tracked.any()):
-            with step_rng(traj.seeds[t], xb.device):
+            with step_rng(traj.step_seed(t), xb.device):
                 g = per_sample_gradients(self.loss, params, xb, yb)
             step.index_add_(0, slots[tracked], g[tracked], alpha=traj.n_samples / len(idx))
         self.dv = p * self.dv + step

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .batches import Inputs, step_inputs
+from .distributed import Shard
 from .schedules import Schedule, learning_rates
 
 __all__ = [
@@ -81,6 +82,9 @@ class Trajectory:
     autocast : torch.dtype or None
         Lower-precision dtype the training steps' forward passes ran under
         (``torch.autocast``), or None for the module's own dtype.
+    shard : Shard or None
+        This process's share of every batch in a data-parallel run
+        (:mod:`hydraclean.distributed`), or None for one process.
     """
 
     order: np.ndarray
@@ -91,6 +95,7 @@ class Trajectory:
     weight_decay: float
     initial_state: dict[str, torch.Tensor] = field(default_factory=dict)
     autocast: torch.dtype | None = None
+    shard: Shard | None = None
 
     @property
     def n_samples(self) -> int:
@@ -99,6 +104,15 @@ class Trajectory:
     @property
     def n_steps(self) -> int:
         return int(self.lrs.shape[0])
+
+    def batch_size_at(self, t: int) -> int:
+        """``b_t``, the global batch size of step ``t``."""
+        per_epoch = -(-self.n_samples // self.batch_size)
+        return min(self.batch_size, self.n_samples - (t % per_epoch) * self.batch_size)
+
+    def step_seed(self, t: int) -> int:
+        """The seed of step ``t``'s forward pass in this process (each rank's own in a data-parallel run)."""
+        return int(self.seeds[t]) if self.shard is None else self.shard.step_seed(self.seeds[t])
 
     def batch_sizes(self) -> np.ndarray:
         """Actual batch size ``b_t`` of every step, shape (n_steps,)."""
@@ -118,11 +132,13 @@ def plan_trajectory(
     weight_decay: float,
     seed: int,
     autocast: torch.dtype | None = None,
+    shard: Shard | None = None,
 ) -> Trajectory:
     """Draw the batch order and step seeds of a training run from one seed.
 
     ``autocast`` (``torch.bfloat16`` or ``torch.float16``) runs every step's
     forward pass and loss under ``torch.autocast``; see :func:`sgd_step`.
+    ``shard`` makes it a data-parallel run (:mod:`hydraclean.distributed`).
 
     Returns
     -------
@@ -134,7 +150,8 @@ def plan_trajectory(
     steps_per_epoch = [-(-n_samples // batch_size)] * max_epochs
     lrs = learning_rates(lr, lr_schedule, steps_per_epoch)
     seeds = rng.integers(0, 2**62, size=lrs.shape[0], dtype=np.int64)
-    return Trajectory(order, int(batch_size), lrs, seeds, float(momentum), float(weight_decay), autocast=autocast)
+    return Trajectory(order, int(batch_size), lrs, seeds, float(momentum), float(weight_decay), autocast=autocast,
+                      shard=shard)
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -260,10 +277,16 @@ def run_sgd(
             sample_proba.index_add_(0, idx, logits.detach().to(dtype).softmax(1))
             step_loss[t] = loss.detach()
             step_correct[t] = (logits.detach().argmax(1) == yb).sum()
+        if trajectory.shard is not None:  # the shares of each step's loss and accuracy, once an epoch
+            trajectory.shard.all_reduce(step_loss[first : first + steps_per_epoch])
+            trajectory.shard.all_reduce(step_correct[first : first + steps_per_epoch])
         _check_finite(step_loss[first : first + steps_per_epoch], epoch, first, trajectory)
         if on_epoch_end is not None:
             on_epoch_end(epoch)
     n_epochs = trajectory.order.shape[0]
+    if trajectory.shard is not None:
+        trajectory.shard.all_reduce(sample_loss)
+        trajectory.shard.all_reduce(sample_proba)
     return step_loss, step_correct, SampleTrace(sample_loss / n_epochs, sample_proba / n_epochs)
 
 
@@ -293,16 +316,25 @@ def sgd_step(
     leave the recorded schedule); parameters, gradients and the update stay
     in the module's dtype.
 
-    Returns the logits, the per-sample losses and their mean (not detached).
+    In a data-parallel run (``trajectory.shard``) ``xb`` is this rank's share
+    of the batch, its loss is scaled by the global batch size, and the
+    gradients are summed across ranks before the update.
+
+    Returns the logits, the per-sample losses and their mean (this rank's
+    share of it in a data-parallel run), not detached.
     """
     for group in optimizer.param_groups:
         group["lr"] = float(trajectory.lrs[t])
-    with step_rng(trajectory.seeds[t], xb.device), autocast(xb.device, trajectory.autocast):
+    with step_rng(trajectory.step_seed(t), xb.device), autocast(xb.device, trajectory.autocast):
         logits = model(xb)
         losses = criterion(logits, yb)
-    loss = losses.mean()
+    shard = trajectory.shard
+    # a rank's share of the global batch's mean loss; the all-reduce sums the shares' gradients
+    loss = losses.mean() if shard is None else losses.sum() / trajectory.batch_size_at(t)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if shard is not None:
+        shard.all_reduce_gradients(model)
     optimizer.step()
     return logits, losses, loss
 
