@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .batches import Inputs, first_inputs
+from .distributed import Shard
 from .gradients import (
     class_validation_gradients,
     eval_separable,
@@ -182,8 +183,8 @@ def fit_contributions(
             factors.detach()
     if n_classes is None:
         n_classes = int(max(y.max(), y_val.max())) + 1
-    class_grads = class_validation_gradients(model, X_val, y_val, criterion, n_classes)
     counts = torch.bincount(y_val, minlength=n_classes)
+    class_grads = _class_gradients(model, X_val, y_val, criterion, n_classes, counts, trajectory.shard)
     present = counts > 0
     n_present = int(present.sum())
     # one set of directions for one pass: [mean, classes with validation samples, rows], filled in place
@@ -198,8 +199,8 @@ def fit_contributions(
         directions[0] = validation_gradients(model, X_val, y_val, criterion)[0]
     if n_rows:
         per_sample_validation_gradients(model, X_val, y_val, criterion, val_rows, out=directions[1 + n_present :])
-    if trajectory.shard is not None:  # every rank projects on rank 0's directions
-        trajectory.shard.broadcast(directions)
+    if trajectory.shard is not None and n_rows:  # every rank projects on rank 0's validation rows
+        trajectory.shard.broadcast(directions[1 + n_present :])
     rows = None if val_rows is None else (model, X_val[val_rows], y_val[val_rows])
     if factors is not None:
         projections = factors.project(LayerFactorProjector(module, criterion, directions, n, rows))
@@ -219,6 +220,17 @@ def fit_contributions(
     matrix = scores[:, 1 + n_present :] if n_rows else None
     return HydraResult(model, history, trajectory, scores[:, 0].copy(), by_class, matrix,
                        trace.loss.double().cpu().numpy(), trace.proba.double().cpu().numpy())
+
+
+def _class_gradients(model: nn.Module, X_val: torch.Tensor, y_val: torch.Tensor, criterion: nn.Module,
+                     n_classes: int, counts: torch.Tensor, shard: Shard | None) -> torch.Tensor:
+    """:func:`class_validation_gradients`; in a data-parallel run each rank takes a share of the rows."""
+    if shard is None:
+        return class_validation_gradients(model, X_val, y_val, criterion, n_classes)
+    rows = shard.split(torch.arange(len(y_val), device=y_val.device))
+    local = class_validation_gradients(model, X_val[rows], y_val[rows], criterion, n_classes)
+    sums = torch.nan_to_num(local, nan=0.0) * torch.bincount(y_val[rows], minlength=n_classes).unsqueeze(1)
+    return shard.all_reduce(sums) / counts.unsqueeze(1)  # 0 / 0 = NaN for an absent class
 
 
 def suggest_labels(class_contribution: np.ndarray, classes: np.ndarray, given: np.ndarray) -> np.ndarray:

@@ -56,7 +56,7 @@ class Shard:
         flat = flatten(grads)
         dist.all_reduce(flat)
         for p, g in zip(params.values(), unflatten(flat, grads).values()):
-            p.grad = g
+            p.grad = g.clone()  # not views: nothing outside this call keeps the collective's buffer
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` across ranks, in place; returns it."""

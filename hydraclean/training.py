@@ -283,6 +283,7 @@ def run_sgd(
         _check_finite(step_loss[first : first + steps_per_epoch], epoch, first, trajectory)
         if on_epoch_end is not None:
             on_epoch_end(epoch)
+    optimizer.zero_grad(set_to_none=True)  # the trained model carries no gradients
     n_epochs = trajectory.order.shape[0]
     if trajectory.shard is not None:
         trajectory.shard.all_reduce(sample_loss)
@@ -390,7 +391,7 @@ def train(
     def evaluate(epoch: int) -> None:
         if validation is None:
             return
-        loss, acc = evaluate_model(model, *validation, criterion)
+        loss, acc = evaluate_model(model, *validation, criterion, shard=trajectory.shard)
         history["valid_loss"].append(loss)
         history["valid_accuracy"].append(acc)
         model.train()
@@ -449,17 +450,24 @@ def learning_shortfall(history: dict[str, list[float]], y_val: np.ndarray, margi
 
 @torch.no_grad()
 def evaluate_model(
-    model: nn.Module, X: torch.Tensor, y: torch.Tensor, criterion: nn.Module, batch_size: int = 1024
+    model: nn.Module, X: torch.Tensor, y: torch.Tensor, criterion: nn.Module, batch_size: int = 1024,
+    shard: Shard | None = None,
 ) -> tuple[float, float]:
-    """Mean loss and accuracy of ``model`` in eval mode."""
+    """Mean loss and accuracy of ``model`` in eval mode (each rank evaluates its share, with ``shard``)."""
     model.eval()
-    total, correct = 0.0, 0
-    for start in range(0, X.shape[0], batch_size):
-        logits = model(X[start : start + batch_size])
-        yb = y[start : start + batch_size]
-        total += float(criterion(logits, yb).sum())
-        correct += int((logits.argmax(1) == yb).sum())
-    return total / X.shape[0], correct / X.shape[0]
+    rows = torch.arange(X.shape[0], device=y.device)
+    if shard is not None:
+        rows = shard.split(rows)
+    sums = torch.zeros(2, dtype=torch.float64, device=y.device)  # loss, correct
+    for start in range(0, rows.shape[0], batch_size):
+        r = rows[start : start + batch_size]
+        logits = model(X[r])
+        sums[0] += criterion(logits, y[r]).sum().double()
+        sums[1] += (logits.argmax(1) == y[r]).sum()
+    if shard is not None:
+        shard.all_reduce(sums)
+    loss, correct = sums.tolist()  # one host sync
+    return loss / X.shape[0], correct / X.shape[0]
 
 
 def replay(
