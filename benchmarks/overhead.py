@@ -6,8 +6,11 @@ momentum 0.9), at 3 and at 20 epochs, on this machine's CPU threads.
 
 Time: every configuration runs once to warm up (one epoch), then --repeats
 rounds run all of them in turn (interleaved, so that a slow spell of the
-machine hits all alike); each figure is the median, and each ratio is that
-median over the median of plain training, all in this one process.
+machine hits all alike), all in this one process. Each ratio is the median over
+the rounds of the configuration's time over plain training's time in the same
+round (the machine's speed drifts between rounds by tens of percent; a ratio
+within a round compares runs a few seconds apart); the seconds shown are
+medians.
 
 - plain training: a bare torch loop (``torch.optim.SGD``) over the same batches;
 - strategy="drop": the default fit (scores against the mean and every class's
@@ -24,7 +27,7 @@ Memory: each configuration at the longest run in a fresh subprocess, peak
 resident memory (VmHWM) and the bound of issue 9: plain training + max_memory
 + the N x K float64 results + 300 MB.
 
-    python benchmarks/overhead.py [--epochs 3 20] [--repeats 3] [--out docs/_generated/overhead.md]
+    python benchmarks/overhead.py [--epochs 3 20] [--repeats 5] [--out docs/_generated/overhead.md]
 """
 
 from __future__ import annotations
@@ -129,9 +132,10 @@ def timings(epochs: int, repeats: int, names: list[str], slow: bool) -> list[dic
             run(X, y, Xv, yv, epochs)
             seconds[name].append(time.perf_counter() - t0)
             print(f"  {epochs} epochs, round {r + 1}: {name}: {seconds[name][-1]:.2f} s", file=sys.stderr)
-    plain = float(np.median(seconds[names[0]]))
-    return [{"config": name, "seconds": float(np.median(s)), "ratio": float(np.median(s)) / plain,
-             "rounds": len(s)} for name, s in seconds.items() if s]
+    plain = seconds[names[0]]
+    return [{"config": name, "seconds": float(np.median(s)), "rounds": len(s),
+             "ratio": float(np.median([t / p for t, p in zip(s, plain)]))}  # per round, then the median
+            for name, s in seconds.items() if s]
 
 
 def peak_memory_child(name: str, epochs: int) -> None:
@@ -154,7 +158,7 @@ def peak_memory(name: str, epochs: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, nargs="+", default=[3, 20])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=None)
     parser.add_argument("--skip", nargs="*", default=[], help="leave out configurations containing these words")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -173,7 +177,8 @@ def main() -> None:
     for epochs in args.epochs:
         rows = timings(epochs, args.repeats, selected, slow=epochs == min(args.epochs))
         results[epochs] = rows
-        lines += [f"### Time, {epochs} epochs (median of {args.repeats} interleaved rounds, one process)", "",
+        lines += [f"### Time, {epochs} epochs ({args.repeats} interleaved rounds in one process: median seconds, "
+                  "median of the per-round ratios)", "",
                   "| configuration | seconds | ratio to plain training |", "|---|---|---|"]
         for r in rows:
             rounds = "" if r["rounds"] == args.repeats else f" ({r['rounds']} round)"
