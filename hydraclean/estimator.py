@@ -331,6 +331,7 @@ class _HydraBase(BaseEstimator):
             raise ValueError(
                 f"Found n_samples={n_all}: cleaning needs at least 2 samples of at least 2 classes."
             )
+        shape = sample_shape(X_all) if dataset else X_all.shape[1:]  # one sample's
         if dataset and X_val is not None and y_val is None and is_dataset(X_val):
             y_val = dataset_labels(X_val, "X_val")
         if (X_val is None) != (y_val is None):
@@ -360,7 +361,6 @@ class _HydraBase(BaseEstimator):
             X_tr, y_tr = X_all, y_all
             X_v = check_features(materialize(X_val).numpy() if is_dataset(X_val) else X_val, "X_val")
             y_v = check_labels(y_val, X_v.shape[0], "y_val")
-            shape = sample_shape(X_tr) if dataset else X_tr.shape[1:]
             if X_v.shape[1:] != shape:
                 raise ValueError(
                     f"X_val has trailing shape {X_v.shape[1:]} but X has {tuple(shape)}; "
@@ -382,7 +382,6 @@ class _HydraBase(BaseEstimator):
                 f"The validation labels {unseen.tolist()[:10]} do not occur in the training labels "
                 f"{classes.tolist()[:10]}; every validation class must be seen in training."
             )
-        shape = sample_shape(X_tr) if dataset else X_tr.shape[1:]
         return _Inputs(y_all, val_mask, X_tr, y_tr_enc, X_v, np.searchsorted(classes, y_v), classes, shape)
 
     def _run(self, data: _Inputs, init_seed: int, train_seed: int, feature_seed: int):

@@ -22,7 +22,9 @@ sample's gradient is ``delta_i a_i'`` (summed over positions) and per layer:
   ``b K in out`` (520 against 48,000 per pair for LeNet-5's first fully
   connected layer).
 - Conv2d: convolutions share weights over positions, so the per-sample
-  gradient is formed (one grouped convolution, ``b out in k^2 P``) and kept: either summed into each sample's hypergradient restricted to the
+  gradient is formed (``b out in k^2 P`` multiply-adds, by a strided view and one
+  batched product, or one grouped convolution for large layers) and kept: either
+  summed into each sample's hypergradient restricted to the
   convolutions (an N x p_conv buffer, when the memory budget holds it; one
   product with the directions at the end), or multiplied by the directions
   every step.
