@@ -32,7 +32,8 @@ import torch
 from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
-from overhead import BATCH, LR, N_TRAIN, N_VAL, data  # noqa: I001  (benchmarks/ is on sys.path)
+from measure import emit  # noqa: I001  (benchmarks/ is on sys.path when run as a script)
+from overhead import BATCH, LR, N_TRAIN, N_VAL, data
 
 from hydraclean import HydraLabelCleaner
 from hydraclean.datasets import load_fashion_mnist, make_label_noise
@@ -82,11 +83,8 @@ def main() -> None:
         lines.append(f"| {r['run']} | {r['spearman_contribution']:.3f} | {r['spearman_label_quality']:.3f} | "
                      f"{r['flagged_in_common']:.1%} | {r['auroc']:.3f} | {r['valid_accuracy']:.3f} | "
                      f"{r['time_ratio']:.2f} |")
-    text = "\n".join(lines)
-    print(text)
+    emit(lines, args.out)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
         with open(args.out.replace(".md", ".json"), "w") as f:
             json.dump(rows, f, indent=1)
 

@@ -25,6 +25,7 @@ import time
 import warnings
 
 import numpy as np
+from measure import emit  # noqa: I001  (benchmarks/ is on sys.path when run as a script)
 from scipy.stats import spearmanr
 
 
@@ -103,11 +104,7 @@ def main() -> None:
         common = (r["issues"] & base["issues"]).sum() / base["issues"].sum()
         lines.append(f"| {setup[0]} x {setup[1]} | {seconds:.1f} | {one / seconds:.2f} | "
                      f"{', '.join(f'{m:.0f}' for m in peak)} | {diff:.1e} | {rho:.4f} | {common:.1%} |")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ import torch
 from scipy.stats import spearmanr
 from torch import nn
 
-from settings import ensure_fashion_mnist  # noqa: I001  (benchmarks/ is on sys.path when run as a script)
+from measure import emit  # noqa: I001  (benchmarks/ is on sys.path when run as a script)
+from settings import ensure_fashion_mnist
 
 from hydraclean import HydraLabelCleaner
 from hydraclean.datasets import load_fashion_mnist, make_label_noise
@@ -120,11 +121,7 @@ def main() -> None:
         lines.append(f"| {r['model']} | {r['autocast']} | {r['epochs']} | {r['plain_s']:.1f} | {r['fit_s']:.1f} | "
                      f"{r['ratio']:.2f} | {r['plain_peak_mib']:.0f} / {r['fit_peak_mib']:.0f} | "
                      f"{r['valid_accuracy']:.3f} | {effect} |")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -24,3 +24,12 @@ class Meter:
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.t0
         self.peak = rss_mib("VmHWM") - self.base
+
+
+def emit(lines: list[str], out: str | None) -> None:
+    """Print a markdown table and, with ``out``, write it there."""
+    text = "\n".join(lines)
+    print(text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text + "\n")
