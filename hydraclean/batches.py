@@ -60,18 +60,23 @@ class _SeededItems(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
-        step_seed, i = key
-        seed = sample_seed(step_seed, i)
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """A batch's inputs (the DataLoader's batched fetch): the generators are saved and restored once."""
         state = random.getstate()
         with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(seed)
-            random.seed(seed)
             try:
-                item = self.dataset[i]
+                return [self._draw(step_seed, i) for step_seed, i in keys]
             finally:
                 random.setstate(state)
-        x = item[0] if isinstance(item, (tuple, list)) else item
-        return torch.as_tensor(x)
+
+    def _draw(self, step_seed: int, i: int) -> torch.Tensor:
+        seed = sample_seed(step_seed, i)
+        torch.default_generator.manual_seed(seed)
+        random.seed(seed)
+        item = self.dataset[i]
+        return torch.as_tensor(item[0] if isinstance(item, (tuple, list)) else item)
 
 
 class DatasetInputs:
