@@ -109,33 +109,32 @@ class DatasetInputs:
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def load(self, keys: Iterable[list[tuple[int, int]]]) -> Iterator[torch.Tensor]:
-        """The input batches for the given ``(step_seed, index)`` keys, one list per batch, in order."""
-        loader = DataLoader(_SeededItems(self.dataset), batch_sampler=keys, num_workers=self.num_workers,
-                            pin_memory=self.pin_memory, collate_fn=default_collate,
-                            persistent_workers=False)
-        for xb in loader:
-            yield xb.to(self.device, dtype=self.dtype, non_blocking=self.pin_memory)
-
-    def steps(self, trajectory: Trajectory, first_step: int = 0) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        """``(t, idx, xb)`` for every step from ``first_step`` on, through one DataLoader."""
+    def steps(self, trajectory: Trajectory) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """``(t, idx, xb)`` for every step of the run, through one DataLoader."""
         order = torch.as_tensor(trajectory.order)
-        keys = _StepKeys(trajectory, order, first_step)
-        for (t, rows), xb in zip(_batches(trajectory, order, first_step), self.load(keys)):
-            yield t, rows.to(self.device), xb
+        loader = _loader(self.dataset, _StepKeys(trajectory, order), self.num_workers, self.pin_memory)
+        for (t, rows), xb in zip(_batches(trajectory, order), loader):
+            yield t, rows.to(self.device), xb.to(self.device, dtype=self.dtype, non_blocking=self.pin_memory)
+
+
+def _loader(dataset: Dataset, keys: Iterable[list[tuple[int, int]]], num_workers: int = 0,
+            pin_memory: bool = False) -> DataLoader:
+    """A DataLoader of ``dataset``'s inputs for ``(step_seed, index)`` keys, one list of keys per batch."""
+    return DataLoader(_SeededItems(dataset), batch_sampler=keys, num_workers=num_workers, pin_memory=pin_memory,
+                      collate_fn=default_collate)
 
 
 class _StepKeys:
     """The DataLoader's batch sampler: ``[(step seed, index), ...]`` per step, made as they are asked for."""
 
-    def __init__(self, trajectory: Trajectory, order: torch.Tensor, first_step: int) -> None:
-        self.trajectory, self.order, self.first_step = trajectory, order, first_step
+    def __init__(self, trajectory: Trajectory, order: torch.Tensor) -> None:
+        self.trajectory, self.order = trajectory, order
 
     def __len__(self) -> int:
-        return self.trajectory.n_steps - self.first_step
+        return self.trajectory.n_steps
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for t, rows in _batches(self.trajectory, self.order, self.first_step):
+        for t, rows in _batches(self.trajectory, self.order):
             seed = int(self.trajectory.seeds[t])
             yield [(seed, i) for i in rows.tolist()]
 
@@ -157,11 +156,10 @@ def step_inputs(X: Inputs, trajectory: Trajectory) -> Iterator[tuple[int, torch.
         yield t, idx, X[idx]
 
 
-def _batches(trajectory: Trajectory, order: torch.Tensor, first_step: int = 0
-             ) -> Iterator[tuple[int, torch.Tensor]]:
-    """``(t, idx)`` of every step from ``first_step``: the batch, or this rank's share of it."""
+def _batches(trajectory: Trajectory, order: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(t, idx)`` of every step: the batch, or this rank's share of it."""
     bs, per_epoch = trajectory.batch_size, -(-trajectory.n_samples // trajectory.batch_size)
-    for t in range(first_step, trajectory.n_steps):
+    for t in range(trajectory.n_steps):
         epoch, k = divmod(t, per_epoch)
         idx = order[epoch, k * bs : (k + 1) * bs]
         yield t, idx if trajectory.shard is None else trajectory.shard.split(idx)
@@ -186,6 +184,4 @@ def materialize(dataset: Dataset, rows: np.ndarray | None = None, batch_size: in
     """Stack the inputs of ``dataset`` (or of its ``rows``) into one CPU tensor, each drawn under seed 0."""
     rows = np.arange(len(dataset)) if rows is None else np.asarray(rows)
     keys = [[(0, int(i)) for i in rows[s : s + batch_size]] for s in range(0, rows.size, batch_size)]
-    loader = DataLoader(_SeededItems(dataset), batch_sampler=keys, num_workers=num_workers,
-                        collate_fn=default_collate)
-    return torch.cat(list(loader))
+    return torch.cat(list(_loader(dataset, keys, num_workers)))

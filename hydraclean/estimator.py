@@ -398,9 +398,7 @@ class _HydraBase(BaseEstimator):
         if self.autocast is not None and dtype != torch.float32:
             raise ValueError(f"autocast={self.autocast!r} needs a float32 module; this one is {dtype}. Pass "
                              "autocast=None, or a float32 module.")
-        shard = current_shard(self.distributed)
-        if shard is not None and self.hessian == "exact":
-            raise ValueError("hessian='exact' runs in one process: pass distributed=False, or hessian='free'.")
+        shard = current_shard(self.distributed)  # hessian='exact' in a data-parallel run: fit_contributions refuses
         if shard is not None and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()):
             raise ValueError(
                 "A data-parallel fit splits each batch across ranks, and BatchNorm would normalise each share with "
