@@ -284,6 +284,11 @@ class TrainingFactors:
     - Conv2d: the per-sample gradients are formed at once and summed with the
       step's coefficient into each sample's hypergradient restricted to the
       convolutions, ``sum_t c_t (N / b_t) grad_conv l_i(w_{t-1})`` (N x p_conv);
+    - Conv2d reading the training inputs themselves (``data``, the same rows
+      in every epoch): its input ``x_i`` does not change over the run, so
+      ``sum_t delta_{i,t} x_i'`` is ``(sum_t delta_{i,t}) x_i'``: the output
+      gradients are summed (N x out_channels x positions, when that fits in
+      ``max_memory``) and the per-sample gradients formed once, at the end;
     - Linear (2-D inputs): ``a_i`` and ``c_t (N / b_t) delta_i`` of every sample
       and step, ``n_epochs N (in + out)`` values.
 
@@ -298,18 +303,22 @@ class TrainingFactors:
     """
 
     def __init__(self, shapes: dict[int, tuple], trajectory: Trajectory, coefficients: np.ndarray,
-                 dtype: torch.dtype, device: torch.device) -> None:
-        self.shapes = shapes  # layer position -> ("linear", in, out) or ("conv", p_layer)
+                 dtype: torch.dtype, device: torch.device, data: torch.Tensor | None = None) -> None:
+        # layer position -> ("linear", in, out), ("conv", p_layer) or ("input_conv", p_layer, output shape)
+        self.shapes = shapes
+        self.data = data
         self.coefficients = coefficients
         self.global_sizes = trajectory.batch_sizes()
         self.batch_sizes = _local_sizes(trajectory)  # this rank's share of each batch in a data-parallel run
         self.starts = np.concatenate([[0], np.cumsum(self.batch_sizes)[:-1]])
         n, rows = trajectory.n_samples, int(self.batch_sizes.sum())
-        p_conv = sum(v[1] for v in shapes.values() if v[0] == "conv")
-        bounds = np.cumsum([0] + [v[1] for v in shapes.values() if v[0] == "conv"])
-        self.conv_columns = {k: slice(lo, hi) for k, lo, hi in
-                             zip([k for k, v in shapes.items() if v[0] == "conv"], bounds[:-1], bounds[1:])}
+        convs = [k for k, v in shapes.items() if v[0] != "linear"]
+        p_conv = sum(shapes[k][1] for k in convs)
+        bounds = np.cumsum([0] + [shapes[k][1] for k in convs])
+        self.conv_columns = {k: slice(lo, hi) for k, lo, hi in zip(convs, bounds[:-1], bounds[1:])}
         self.conv_sum = torch.zeros(n, p_conv, dtype=dtype, device=device) if p_conv else None
+        self.output_sums = {k: torch.zeros(n, *v[2], dtype=dtype, device=device)
+                            for k, v in shapes.items() if v[0] == "input_conv"}
         self.inputs = {k: torch.empty(rows, v[1], dtype=dtype, device=device)
                        for k, v in shapes.items() if v[0] == "linear"}
         self.deltas = {k: torch.empty(rows, v[2], dtype=dtype, device=device)
@@ -322,19 +331,24 @@ class TrainingFactors:
 
     @classmethod
     def plan(cls, module: nn.Module, x_probe: torch.Tensor, trajectory: Trajectory, coefficients: np.ndarray,
-             max_memory: int) -> TrainingFactors | None:
+             max_memory: int, data: torch.Tensor | None = None) -> TrainingFactors | None:
         """The recorder for ``module`` when it applies and fits in ``max_memory``, else None.
 
         ``x_probe`` (a couple of training inputs) goes through a copy of the
         module once to check that every layer runs once with 2-D inputs to
-        its Linear layers, and to size the buffers.
+        its Linear layers, and to size the buffers. ``data``, the training
+        inputs when they are one tensor (not a Dataset, whose items may be
+        augmented anew every epoch), lets the convolutions that read them
+        directly sum their output gradients instead (see above), where that
+        fits in ``max_memory``.
         """
         if not supports_layer_factors(module):
             return None
         probe = copy.deepcopy(module).eval()
         layers = _trainable_layers(probe)
         seen: dict[int, list] = {}
-        handles = [m.register_forward_hook(functools.partial(_note_input, seen, k)) for k, m in enumerate(layers)]
+        handles = [m.register_forward_hook(functools.partial(_note_input, seen, k, x_probe, x_probe.clone()))
+                   for k, m in enumerate(layers)]
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             probe(x_probe)
         for h in handles:
@@ -343,22 +357,28 @@ class TrainingFactors:
         for k, m in enumerate(layers):
             if len(seen.get(k, ())) != 1:
                 return None
+            dim, reads_inputs, out_shape = seen[k][0]
             if isinstance(m, nn.Linear):
-                if seen[k][0] != 2:
+                if dim != 2:
                     return None
                 shapes[k] = ("linear", m.in_features, m.out_features)
             else:
-                shapes[k] = ("conv", sum(p.numel() for p in m.parameters(recurse=False) if p.requires_grad))
+                p = sum(p.numel() for p in m.parameters(recurse=False) if p.requires_grad)
+                shapes[k] = ("input_conv", p, out_shape) if reads_inputs and data is not None else ("conv", p)
         ref = next(p for p in module.parameters() if p.requires_grad)
+        if cls.footprint(shapes, trajectory, ref.element_size()) > max_memory:  # per-step gradients instead
+            shapes = {k: ("conv", v[1]) if v[0] == "input_conv" else v for k, v in shapes.items()}
         if cls.footprint(shapes, trajectory, ref.element_size()) > max_memory:
             return None
-        return cls(shapes, trajectory, coefficients, ref.dtype, ref.device)
+        return cls(shapes, trajectory, coefficients, ref.dtype, ref.device, data)
 
     @staticmethod
     def footprint(shapes: dict[int, tuple], trajectory: Trajectory, itemsize: int) -> int:
-        """Bytes the buffers take: N x p_conv, and (in + out) values and an index per sample and step."""
+        """Bytes the buffers take: N x p_conv, N x outputs of the input convolutions, and (in + out) values
+        and an index per sample and step."""
         rows, n = int(_local_sizes(trajectory).sum()), trajectory.n_samples
-        values = sum(n * v[1] if v[0] == "conv" else rows * (v[1] + v[2]) for v in shapes.values())
+        values = sum(rows * (v[1] + v[2]) if v[0] == "linear" else n * v[1] for v in shapes.values())
+        values += sum(n * int(np.prod(v[2])) for v in shapes.values() if v[0] == "input_conv")
         return values * itemsize + rows * torch.empty(0, dtype=torch.long).element_size()
 
     def before_step(self, t: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -385,7 +405,9 @@ class TrainingFactors:
         weight = float(self.coefficients[t]) * float(self.global_sizes[t])
         for k, (kind, *_) in self.shapes.items():
             a, g = self._captured[k]
-            if kind == "conv":  # in the buffer's dtype, also under autocast
+            if kind == "input_conv":  # the per-sample gradients are formed at the end, from the summed outputs
+                self.output_sums[k].index_add_(0, idx, g.to(self.conv_sum.dtype), alpha=weight)
+            elif kind == "conv":  # in the buffer's dtype, also under autocast
                 dtype = self.conv_sum.dtype
                 self.conv_sum[:, self.conv_columns[k]].index_add_(
                     0, idx, _conv_sample_gradients(self._layers[k], a.to(dtype), g.to(dtype)), alpha=weight)
@@ -405,6 +427,12 @@ class TrainingFactors:
 
     def project(self, projector: LayerFactorProjector, chunk: int = 8192) -> torch.Tensor:
         """``P[i, k] = <V_k, nabla_{T,i}>`` for the projector's directions, shape (N, K)."""
+        for k, sums in self.output_sums.items():  # sum_t delta_{i,t} x_i' = (sum_t delta_{i,t}) x_i'
+            for start in range(0, sums.shape[0], 256):
+                rows = slice(start, start + 256)
+                self.conv_sum[rows, self.conv_columns[k]] = _conv_sample_gradients(
+                    self._layers[k], self.data[rows].to(sums.dtype), sums[rows])
+        self.output_sums = {}
         out = projector.out  # zeros: the projector has seen no step
         linear = [(k, projector.layers[k]) for k, v in self.shapes.items() if v[0] == "linear"]
         for start in range(0, self.index.shape[0], chunk):
@@ -431,8 +459,13 @@ def _capture_output(captured: dict, k: int, m: nn.Module, inputs: tuple, out: to
     return out.clone()  # later in-place ops must not touch the tensor whose gradient is taken
 
 
-def _note_input(seen: dict, k: int, m: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
-    seen.setdefault(k, []).append(inputs[0].dim())
+def _note_input(seen: dict, k: int, x_probe: torch.Tensor, x_values: torch.Tensor, m: nn.Module, inputs: tuple,
+                out: torch.Tensor) -> None:
+    """Probe hook of :meth:`TrainingFactors.plan`: the input's dimensions, whether it is the module's own
+    input, unchanged, and the shape of one sample's output."""
+    x = inputs[0]
+    reads_inputs = x is x_probe and torch.equal(x, x_values)
+    seen.setdefault(k, []).append((x.dim(), reads_inputs, tuple(out.shape[1:])))
 
 
 def _set_output_gradient(entry: list, output_nr: int, grad_outputs: tuple) -> None:

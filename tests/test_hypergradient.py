@@ -228,7 +228,8 @@ def test_trajectory_trace_is_each_samples_mean_training_loss_and_softmax():
     np.testing.assert_allclose(result.trajectory_proba, proba.numpy(), rtol=1e-12)
 
 
-@pytest.mark.parametrize("max_memory", [10**9, 7_000, 3_000], ids=["training factors", "stored weights", "checkpoints"])
+@pytest.mark.parametrize("max_memory", [10**9, 10_000, 7_000, 3_000],
+                         ids=["factors, input convolution summed", "factors, per step", "stored weights", "checkpoints"])
 def test_free_with_convolutions_dropout_and_rows_equals_plain_recurrence(max_memory):
     """Every scoring route (factors kept from training, stored weights, checkpoints) gives C(i) and C(i, j)."""
     n = 8
@@ -242,6 +243,33 @@ def test_free_with_convolutions_dropout_and_rows_equals_plain_recurrence(max_mem
                                val_rows=rows, max_memory=max_memory)
     assert ref.relative_error(result.contribution, C_ref) < 1e-9
     assert ref.relative_error(result.contribution_matrix, -(nabla_ref @ G_rows.T) / n) < 1e-9
-    # the route taken: factors need 8,000 bytes here, every step's weights 6,912, a checkpoint 2,304
-    planned = TrainingFactors.plan(module, X[:2], traj, np.ones(traj.n_steps), max_memory)
-    assert (planned is not None) == (max_memory == 10**9)
+    # the route taken: factors need 12,608 bytes here with the first convolution's output gradients
+    # summed over the run (it reads the inputs), 8,000 with its per-sample gradients summed every step;
+    # every step's weights 6,912, a checkpoint 2,304
+    planned = TrainingFactors.plan(module, X[:2], traj, np.ones(traj.n_steps), max_memory, data=X)
+    assert (planned is not None) == (max_memory >= 10_000)
+    if planned is not None:
+        assert planned.nbytes == (12_608 if max_memory == 10**9 else 8_000)
+        assert planned.shapes[0][0] == ("input_conv" if max_memory == 10**9 else "conv")
+        assert planned.shapes[1][0] == "conv"  # the second convolution reads the first one's output
+
+
+def test_input_convolution_needs_the_inputs_unchanged():
+    """A convolution reads the inputs only when it gets the module's input tensor itself, unchanged."""
+    X = torch.rand(4, 1, 6, 6, dtype=torch.float64)
+    traj = plan(4, 2, 1)
+
+    class Scaled(nn.Module):  # the first convolution sees 2 x, not x
+        def __init__(self):
+            super().__init__()
+            self.net = ref.tiny_conv_net()
+
+        def forward(self, x):
+            return self.net(x.mul_(2.0))
+
+    for module, expected in [(ref.tiny_conv_net(), "input_conv"), (Scaled(), "conv")]:
+        planned = TrainingFactors.plan(module, X[:2].clone(), traj, np.ones(traj.n_steps), 10**9, data=X)
+        assert planned.shapes[0][0] == expected
+    # a Dataset's items may be augmented anew each epoch: no data, no summed outputs
+    planned = TrainingFactors.plan(ref.tiny_conv_net(), X[:2], traj, np.ones(traj.n_steps), 10**9)
+    assert planned.shapes[0][0] == "conv"
