@@ -164,7 +164,8 @@ def fit_contributions(
     n = y.shape[0]
     tracker = store = factors = None
     if hessian == "free":
-        factors = TrainingFactors.plan(module, first_inputs(X, 2), trajectory, step_weights(trajectory), max_memory)
+        factors = TrainingFactors.plan(module, first_inputs(X, 2), trajectory, step_weights(trajectory), max_memory,
+                                       data=X if isinstance(X, torch.Tensor) else None)
         if factors is None:
             store = WeightStore(module, trajectory.n_steps, max_memory, spill_dir)
     else:
@@ -187,20 +188,19 @@ def fit_contributions(
     class_grads = _class_gradients(model, X_val, y_val, criterion, n_classes, counts, trajectory.shard)
     present = counts > 0
     n_present = int(present.sum())
-    # one set of directions for one pass: [mean, classes with validation samples, rows], filled in place
+    # one set of directions for one pass: [mean (only when it is not the classes' sum), classes, rows]
+    separable = eval_separable(model)  # grad L_val = sum_c (n_c / n_val) G^c: C(i) from C(i, c), no column
+    lead = 0 if separable else 1  # BatchNorm without running statistics: the mean loss is not the classes' sum
     n_rows = 0 if val_rows is None else len(val_rows)
-    directions = class_grads.new_empty(1 + n_present + n_rows, class_grads.shape[1])
-    directions[1 : 1 + n_present] = class_grads[present]
+    directions = class_grads.new_empty(lead + n_present + n_rows, class_grads.shape[1])
+    directions[lead : lead + n_present] = class_grads[present]
     del class_grads
-    if eval_separable(model):  # grad L_val = sum_c (n_c / n_val) G^c: no pass of its own
-        torch.mv(directions[1 : 1 + n_present].T, counts[present].to(directions.dtype) / len(y_val),
-                 out=directions[0])
-    else:  # batch statistics in eval mode: the mean loss is not the class losses' weighted sum
+    if not separable:
         directions[0] = validation_gradients(model, X_val, y_val, criterion)[0]
     if n_rows:
-        per_sample_validation_gradients(model, X_val, y_val, criterion, val_rows, out=directions[1 + n_present :])
+        per_sample_validation_gradients(model, X_val, y_val, criterion, val_rows, out=directions[lead + n_present :])
     if trajectory.shard is not None and n_rows:  # every rank projects on rank 0's validation rows
-        trajectory.shard.broadcast(directions[1 + n_present :])
+        trajectory.shard.broadcast(directions[lead + n_present :])
     rows = None if val_rows is None else (model, X_val[val_rows], y_val[val_rows])
     if factors is not None:
         projections = factors.project(LayerFactorProjector(module, criterion, directions, n, rows))
@@ -216,9 +216,11 @@ def fit_contributions(
         trajectory.shard.finish()
     scores = contributions_from_projections(projections, n).double().cpu().numpy()
     by_class = np.full((n, n_classes), np.nan)
-    by_class[:, present.cpu().numpy()] = scores[:, 1 : 1 + n_present]
-    matrix = scores[:, 1 + n_present :] if n_rows else None
-    return HydraResult(model, history, trajectory, scores[:, 0].copy(), by_class, matrix,
+    by_class[:, present.cpu().numpy()] = scores[:, lead : lead + n_present]
+    weights = counts[present].double().cpu().numpy() / len(y_val)
+    contribution = scores[:, lead : lead + n_present] @ weights if separable else scores[:, 0].copy()
+    matrix = scores[:, lead + n_present :] if n_rows else None
+    return HydraResult(model, history, trajectory, contribution, by_class, matrix,
                        trace.loss.double().cpu().numpy(), trace.proba.double().cpu().numpy())
 
 

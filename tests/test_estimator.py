@@ -129,7 +129,9 @@ def test_cluster_strategy(flat):
     assert c.label_issues_.any() and not c.label_issues_.all()
     full = HydraLabelCleaner(mlp, strategy="cluster", n_val_features=10_000, **FAST).fit(X, y, X_val=Xv, y_val=yv)
     assert full.contribution_matrix_.shape == (len(y), len(yv))
-    np.testing.assert_allclose(full.contribution_matrix_.mean(1), full.contribution_, rtol=1e-4, atol=1e-9)
+    # float32 sums in another order: to 1e-5 of the scale (a C(i) near zero has cancelled)
+    scale = np.abs(full.contribution_).max()
+    np.testing.assert_allclose(full.contribution_matrix_.mean(1), full.contribution_, rtol=1e-4, atol=1e-5 * scale)
 
 
 def test_strategy_does_not_change_the_scores(flat):
