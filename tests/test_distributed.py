@@ -12,6 +12,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 from hydraclean import HydraLabelCleaner
+from hydraclean.distributed import Shard
 
 ATTRIBUTES = ("contribution_", "class_contribution_", "contribution_matrix_", "trajectory_loss_", "label_quality_")
 
@@ -78,5 +79,21 @@ def test_two_gloo_processes_give_the_single_process_fit(strategy, tmp_path):
 def test_distributed_true_without_a_process_group_names_the_fix():
     est = cleaner("drop", distributed=True)
     with pytest.raises(ValueError, match="torchrun"):
+        fit(est, *data())
+    assert not hasattr(est, "contribution_")
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"hessian": "exact", "exact_subset": [0, 1]}, "hessian='exact' runs in one process"),
+    ({"module": lambda: nn.Sequential(nn.Linear(64, 24), nn.BatchNorm1d(24), nn.ReLU(), nn.Linear(24, 10))},
+     "BatchNorm would normalise each share"),
+], ids=["exact", "batch norm"])
+def test_data_parallel_refusals_name_the_reason(kw, match, monkeypatch):
+    """What a data-parallel fit cannot reproduce is refused before any collective, on rank 0 of two."""
+    import hydraclean.estimator
+
+    monkeypatch.setattr(hydraclean.estimator, "current_shard", lambda distributed: Shard(0, 2))
+    est = cleaner("drop").set_params(**kw)
+    with pytest.raises(ValueError, match=match):
         fit(est, *data())
     assert not hasattr(est, "contribution_")
