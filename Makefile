@@ -46,10 +46,13 @@ bench-smoke: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/summarize.py --dir $(CURDIR)/build/bench-smoke
 
 # On a CUDA machine: GPU scoring against float64 on the CPU (tests/test_cuda.py), then the cost on full
-# Fashion-MNIST with LeNet-5 and DenseNet-BC-40 (docs/benchmarks.md, "On a GPU").
+# Fashion-MNIST with LeNet-5 and DenseNet-BC-40 (docs/benchmarks.md, "On a GPU"), then the data-parallel
+# fit on all of that machine's CPUs (docs/large_data.rst).
 gpu-check: $(BENCH_STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_estimator.py -k cuda
 	$(BIN)/python benchmarks/gpu_check.py --out docs/_generated/gpu_check.md
+	$(BIN)/python benchmarks/distributed.py --threads $$(nproc) --processes 2 --repeats 2 \
+		--out docs/_generated/distributed_many_cores.md
 
 # The benchmarks behind docs/benchmarks.md on this machine's CPUs (not part of CI; hours on 2 cores).
 # The Fashion-MNIST settings were run on a GPU by benchmarks/gpu_suite.sh; on a CPU, the second

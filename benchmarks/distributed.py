@@ -1,4 +1,4 @@
-"""Data-parallel fit on this machine's CPUs: one process with T threads against T processes with one each.
+"""Data-parallel fit on this machine's CPUs: one process with T threads against P processes with T / P each.
 
 LeNet-5 on 10,000 Fashion-MNIST training images (20% symmetric noise), 1,000
 validation images, batch 64 (the global batch), the default fit, launched with
@@ -10,7 +10,12 @@ Spearman correlation of the label-quality score, share of flagged samples in
 common. One process with one thread is the yardstick for those: float32 sums
 in another order (here, another thread count) also move a long run.
 
-    python benchmarks/distributed.py [--threads 2] [--epochs 3] [--repeats 3] [--out docs/_generated/distributed.md]
+    python benchmarks/distributed.py [--threads 2] [--processes 2] [--epochs 3] [--repeats 3] [--out FILE]
+
+``make gpu-check`` also runs it on all the CPUs of the GPU machine
+(``--threads $(nproc) --processes 2``): whether data-parallel ranks beat
+intra-op threads depends on how many cores the threads must share one batch
+between.
 """
 
 from __future__ import annotations
@@ -69,7 +74,9 @@ def launch(processes: int, threads: int, epochs: int, out: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2, help="total threads (= processes of the second setup)")
+    parser.add_argument("--threads", type=int, default=2, help="threads in all")
+    parser.add_argument("--processes", type=int, default=None,
+                        help="processes of the data-parallel setup (default: --threads), each with threads / processes")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=None)
@@ -79,18 +86,21 @@ def main() -> None:
     if args.worker:
         worker(args.epochs, args.threads, args.save)
         return
-    setups = [(1, args.threads), (args.threads, 1), (1, 1)]
+    processes = args.processes or args.threads
+    if args.threads % processes:
+        parser.error(f"--threads {args.threads} is not a multiple of --processes {processes}")
+    setups = [(1, args.threads), (processes, args.threads // processes), (1, 1)]
     runs: dict = {s: [] for s in setups}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.repeats):
-            for processes, threads in setups:
-                path = os.path.join(tmp, f"{processes}x{threads}.npz")
-                runs[(processes, threads)].append(launch(processes, threads, args.epochs, path))
-                print(f"  {processes} x {threads}: {runs[(processes, threads)][-1]}", file=sys.stderr)
+            for p, t in setups:
+                path = os.path.join(tmp, f"{p}x{t}.npz")
+                runs[(p, t)].append(launch(p, t, args.epochs, path))
+                print(f"  {p} x {t}: {runs[(p, t)][-1]}", file=sys.stderr)
         results = {s: dict(np.load(os.path.join(tmp, f"{s[0]}x{s[1]}.npz"))) for s in setups}
     one = np.median([r["seconds"] for r in runs[setups[0]]])
     lines = [f"LeNet-5, Fashion-MNIST 10,000 training images, batch 64, {args.epochs} epochs, default fit; "
-             f"{args.threads} threads in all, gloo, median of {args.repeats} runs.", "",
+             f"{args.threads} threads in all ({os.cpu_count()} CPUs), gloo, median of {args.repeats} runs.", "",
              f"| processes x threads | fit (s) | speed-up over 1 x {args.threads} | peak RSS per rank (MiB) | "
              f"C(i) off 1 x {args.threads} (relative) | Spearman of label quality | flagged in common |",
              "|---|---|---|---|---|---|---|"]

@@ -3,7 +3,7 @@
 Run by `make gpu-check` after the CUDA tests (tests/test_cuda.py, which check GPU
 scoring against float64 on the CPU at the recorded weights). For each model:
 plain training (a bare torch loop over the same batches) and the default fit
-(strategy="drop", 11 directions; for LeNet-5 also with autocast="bfloat16",
+(strategy="drop", 10 class directions; for LeNet-5 also with autocast="bfloat16",
 and how far its scores move) on the 60,000 training images with 20%
 symmetric noise and 1,000 validation images, times with the device
 synchronised, ratio to plain training, and the peak GPU memory of each.

@@ -13,11 +13,11 @@ within a round compares runs a few seconds apart); the seconds shown are
 medians.
 
 - plain training: a bare torch loop (``torch.optim.SGD``) over the same batches;
-- strategy="drop": the default fit (scores against the mean and every class's
-  validation gradient, K + 1 = 11 directions);
+- strategy="drop": the default fit (scores against every class's validation
+  gradient, 10 directions, and their weighted sum, the mean's);
 - strategy="drop" with max_memory too small for every step's weights
   (checkpoints every few steps, the steps between recomputed);
-- strategy="cluster" with 1,000 validation features (1,011 directions);
+- strategy="cluster" with 1,000 validation features (1,010 directions);
 - hessian="exact" tracking 50 samples (one round, at the shortest run only: about
   50 s an epoch here, so 20 epochs would take a quarter of an hour);
 - cleanlab's pipeline: 5-fold cross-validated probabilities of the same model
@@ -105,10 +105,10 @@ def checkpoint_budget(epochs: int) -> int:
 
 CONFIGS = {
     "plain training (torch loop, same batches)": lambda X, y, Xv, yv, e: plain_training(X, y, e),
-    "strategy='drop' (default scoring: 11 directions)": lambda X, y, Xv, yv, e: fit(X, y, Xv, yv, e),
+    "strategy='drop' (default scoring: 10 class directions)": lambda X, y, Xv, yv, e: fit(X, y, Xv, yv, e),
     "strategy='drop', max_memory = 1/4 of the weights (checkpoints)":
         lambda X, y, Xv, yv, e: fit(X, y, Xv, yv, e, max_memory=checkpoint_budget(e)),
-    "strategy='cluster', 1,000 validation features (1,011 directions)":
+    "strategy='cluster', 1,000 validation features (1,010 directions)":
         lambda X, y, Xv, yv, e: fit(X, y, Xv, yv, e, strategy="cluster", n_val_features=1000),
     "cleanlab: 5-fold cross-validated probabilities + find_label_issues":
         lambda X, y, Xv, yv, e: cleanlab_pipeline(X, y, e),
