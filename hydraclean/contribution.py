@@ -182,6 +182,8 @@ def fit_contributions(
     finally:  # the hooks leave the training model also when training fails
         if factors is not None:
             factors.detach()
+    if factors is not None:  # frees the summed output gradients before the validation gradients take memory
+        factors.finish()
     if n_classes is None:
         n_classes = int(max(y.max(), y_val.max())) + 1
     counts = torch.bincount(y_val, minlength=n_classes)

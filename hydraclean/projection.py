@@ -425,14 +425,20 @@ class TrainingFactors:
             h.remove()
         self._handles = []
 
-    def project(self, projector: LayerFactorProjector, chunk: int = 8192) -> torch.Tensor:
-        """``P[i, k] = <V_k, nabla_{T,i}>`` for the projector's directions, shape (N, K)."""
-        for k, sums in self.output_sums.items():  # sum_t delta_{i,t} x_i' = (sum_t delta_{i,t}) x_i'
+    def finish(self) -> None:
+        """After the run: the input convolutions' per-sample gradients from their summed output gradients,
+        ``sum_t delta_{i,t} x_i' = (sum_t delta_{i,t}) x_i'``, into the N x p_conv buffer; frees the sums."""
+        for k, sums in self.output_sums.items():
             for start in range(0, sums.shape[0], 256):
                 rows = slice(start, start + 256)
                 self.conv_sum[rows, self.conv_columns[k]] = _conv_sample_gradients(
                     self._layers[k], self.data[rows].to(sums.dtype), sums[rows])
         self.output_sums = {}
+
+    def project(self, projector: LayerFactorProjector, chunk: int = 8192) -> torch.Tensor:
+        """``P[i, k] = <V_k, nabla_{T,i}>`` for the projector's directions, shape (N, K) (after :meth:`finish`)."""
+        if self.output_sums:
+            raise RuntimeError("TrainingFactors.project needs finish() first.")
         out = projector.out  # zeros: the projector has seen no step
         linear = [(k, projector.layers[k]) for k, v in self.shapes.items() if v[0] == "linear"]
         for start in range(0, self.index.shape[0], chunk):
