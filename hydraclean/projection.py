@@ -288,7 +288,9 @@ class TrainingFactors:
       in every epoch): its input ``x_i`` does not change over the run, so
       ``sum_t delta_{i,t} x_i'`` is ``(sum_t delta_{i,t}) x_i'``: the output
       gradients are summed (N x out_channels x positions, when that fits in
-      ``max_memory``) and the per-sample gradients formed once, at the end;
+      ``max_memory``) and the per-sample gradients formed once, at the end.
+      A step whose layer input is not the batch itself, unchanged (a module
+      that transforms its input in training mode), takes the route above;
     - Linear (2-D inputs): ``a_i`` and ``c_t (N / b_t) delta_i`` of every sample
       and step, ``n_epochs N (in + out)`` values.
 
@@ -328,6 +330,7 @@ class TrainingFactors:
         self._handles: list = []
         self._layers: list[nn.Module] = []
         self._captured: dict[int, list] = {}
+        self._model_input: tuple = (None, 0)  # the step's batch as the module received it, and its version
 
     @classmethod
     def plan(cls, module: nn.Module, x_probe: torch.Tensor, trajectory: Trajectory, coefficients: np.ndarray,
@@ -382,16 +385,23 @@ class TrainingFactors:
         return values * itemsize + rows * torch.empty(0, dtype=torch.long).element_size()
 
     def before_step(self, t: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Hook the training model's layers (at the first step)."""
+        """Hook the training model and its layers (at the first step)."""
         if not self._handles:
+            self._handles.append(model.register_forward_pre_hook(self._note_model_input))
             self._layers = _trainable_layers(model)
             for k, m in enumerate(self._layers):
                 self._handles.append(m.register_forward_hook(functools.partial(self._capture, k)))
 
+    def _note_model_input(self, model: nn.Module, inputs: tuple) -> None:
+        self._model_input = (inputs[0], inputs[0]._version)
+
     def _capture(self, k: int, m: nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor | None:
         if not out.requires_grad:  # an evaluation pass between epochs, not a training step
             return None
-        entry = [inputs[0].detach(), None]
+        x = inputs[0]
+        # the layer read the step's batch itself, unchanged (no in-place op since: same version)
+        reads_batch = x is self._model_input[0] and x._version == self._model_input[1]
+        entry = [x.detach(), None, reads_batch]
         # a pre-hook on the node that made ``out`` receives d loss / d out as computed,
         # whatever later in-place ops do to ``out``, so the output needs no clone
         out.grad_fn.register_prehook(functools.partial(_set_output_gradient, entry, out.output_nr))
@@ -404,10 +414,10 @@ class TrainingFactors:
         # c_t (N / b_t) times b_t: the gradient of the (global) batch's mean loss is delta / b_t
         weight = float(self.coefficients[t]) * float(self.global_sizes[t])
         for k, (kind, *_) in self.shapes.items():
-            a, g = self._captured[k]
-            if kind == "input_conv":  # the per-sample gradients are formed at the end, from the summed outputs
+            a, g, reads_batch = self._captured[k]
+            if kind == "input_conv" and reads_batch:  # per-sample gradients at the end, from the summed outputs
                 self.output_sums[k].index_add_(0, idx, g.to(self.conv_sum.dtype), alpha=weight)
-            elif kind == "conv":  # in the buffer's dtype, also under autocast
+            elif kind != "linear":  # in the buffer's dtype, also under autocast
                 dtype = self.conv_sum.dtype
                 self.conv_sum[:, self.conv_columns[k]].index_add_(
                     0, idx, _conv_sample_gradients(self._layers[k], a.to(dtype), g.to(dtype)), alpha=weight)
@@ -424,6 +434,7 @@ class TrainingFactors:
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._model_input = (None, 0)
 
     def finish(self) -> None:
         """After the run: the input convolutions' per-sample gradients from their summed output gradients,
@@ -431,7 +442,7 @@ class TrainingFactors:
         for k, sums in self.output_sums.items():
             for start in range(0, sums.shape[0], 128):  # a chunk's unfolded inputs stay in cache (LeNet-5: 10 MB)
                 rows = slice(start, start + 128)
-                self.conv_sum[rows, self.conv_columns[k]] = _conv_sample_gradients(
+                self.conv_sum[rows, self.conv_columns[k]] += _conv_sample_gradients(
                     self._layers[k], self.data[rows].to(sums.dtype), sums[rows])
         self.output_sums = {}
 

@@ -273,3 +273,31 @@ def test_input_convolution_needs_the_inputs_unchanged():
     # a Dataset's items may be augmented anew each epoch: no data, no summed outputs
     planned = TrainingFactors.plan(ref.tiny_conv_net(), X[:2], traj, np.ones(traj.n_steps), 10**9)
     assert planned.shapes[0][0] == "conv"
+
+
+class _NoisyInputs(nn.Module):
+    """tiny_conv_net whose training-mode forward adds noise to its input, in place or not."""
+
+    def __init__(self, in_place):
+        super().__init__()
+        self.net, self.in_place = ref.tiny_conv_net(), in_place
+
+    def forward(self, x):
+        if self.training:
+            noise = 0.1 * torch.randn_like(x)
+            x = x.add_(noise) if self.in_place else x + noise
+        return self.net(x)
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["new tensor", "in place"])
+def test_a_module_that_changes_its_input_in_training_keeps_per_step_convolution_gradients(in_place):
+    """The eval-mode probe sees the first convolution read the inputs; the training steps do not, and say so."""
+    n = 8
+    X, y, Xv, yv = data(n, shape=(1, 6, 6))
+    module = _NoisyInputs(in_place)
+    traj = plan(n, 3, 2, lr=0.1)
+    planned = TrainingFactors.plan(module, X[:2], traj, np.ones(traj.n_steps), 10**9, data=X)
+    assert planned.shapes[0][0] == "input_conv"  # so the steps must catch it
+    C_ref, _, _ = ref.free_recurrence(module, X, y, Xv, yv, traj, CE)
+    result = fit_contributions(module, X, y, Xv, yv, criterion=CE, trajectory=plan(n, 3, 2, lr=0.1))
+    assert ref.relative_error(result.contribution, C_ref) < 1e-9
