@@ -60,6 +60,7 @@ def worker(epochs: int, threads: int, out: str) -> None:
         np.savez(out, contribution=cleaner.contribution_, quality=cleaner.label_quality_,
                  issues=cleaner.label_issues_)
         print(json.dumps({"seconds": seconds, "peak_rss_mib": peaks}))
+    dist.barrier()  # the last collective holds no tensor: gloo then shuts down cleanly
     dist.destroy_process_group()
 
 
@@ -67,8 +68,9 @@ def launch(processes: int, threads: int, epochs: int, out: str) -> dict:
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     cmd = [torchrun, "--standalone", f"--nproc_per_node={processes}", __file__, "--worker", "--threads",
            str(threads), "--epochs", str(epochs), "--save", out]
-    result = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS":
-                                                                                   str(threads)})
+    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    if result.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
