@@ -75,7 +75,8 @@ def is_sample_separable(module: nn.Module) -> bool:
     samples) or Dropout (the step's random mask must be reproduced for the
     whole batch at once). Separable modules get per-sample gradients by
     ``vmap(grad)`` in one pass; others by the batch Jacobian, which costs one
-    backward pass per sample in the batch.
+    backward pass per sample in the batch (see :func:`directional_derivatives`
+    for when a JVP per direction replaces it).
     """
     coupled = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
     return not any(isinstance(m, coupled) for m in module.modules())
@@ -158,14 +159,23 @@ def directional_derivatives(
 
     Notes
     -----
-    One direction is a single forward-mode JVP of the batch's loss vector
-    (about one extra forward pass, exact for any module). Several directions
-    use the per-sample gradients and one matrix product.
+    A direction is one forward-mode JVP of the batch's loss vector (about two
+    forward passes, exact for any module). Several directions use the
+    per-sample gradients and one matrix product, except for a module whose
+    samples interact (BatchNorm, Dropout) with fewer directions than samples:
+    its per-sample gradients are the rows of the batch Jacobian, ``b``
+    backward passes, so one JVP per direction is cheaper (DenseNet-BC-40, a
+    batch of 64, 10 directions, 2 CPU cores: 6.8 s against 57 s). Each JVP
+    starts from the caller's random state, so all draw the same dropout masks.
     """
-    if directions.shape[0] == 1:
-        tangent = unflatten(directions[0], params)
-        _, d = jvp(lambda p: loss(p, x, y), (params,), (tangent,))
-        return d.unsqueeze(1)
+    k = directions.shape[0]
+    if k == 1 or (not loss.separable and k < x.shape[0]):
+        forks = {"devices": [x.device] if x.device.type == "cuda" else [], "device_type": x.device.type}
+        columns = []
+        for v in directions:
+            with torch.random.fork_rng(**forks):  # restores the state: the next JVP draws the same masks
+                columns.append(jvp(lambda p: loss(p, x, y), (params,), (unflatten(v, params),))[1])
+        return torch.stack(columns, 1)
     return per_sample_gradients(loss, params, x, y) @ directions.T
 
 

@@ -96,8 +96,10 @@ def test_dropout_mask_is_the_training_steps_own():
     assert not torch.allclose(ours, other.detach())
 
 
-@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("k", [1, 3, 8], ids=["one JVP", "a JVP per direction", "batch Jacobian"])
 def test_directional_derivatives_equal_brute_force(k):
+    """BatchNorm and Dropout: fewer directions than samples (6) take forward mode, each JVP with the step's
+    dropout masks; more take the rows of the batch Jacobian."""
     module = small_cnn_with_bn_and_dropout().train()
     x, y = batch()
     loss = PerSampleLoss(module, CE)

@@ -114,13 +114,18 @@ def test_free_equals_plain_per_sample_recurrence(n, batch_size, epochs):
     assert ref.relative_error(result.contribution, C_ref) < 1e-9
 
 
-def test_free_with_batchnorm_and_dropout_equals_plain_recurrence():
+@pytest.mark.parametrize("batch_size", [3, 6])
+def test_free_with_batchnorm_and_dropout_equals_plain_recurrence(batch_size):
+    """4 directions (the mean and 3 classes): batches of 3 and the last one of 2 take the batch Jacobian,
+    batches of 6 a JVP per direction."""
     n = 8
     X, y, Xv, yv = data(n, shape=(1, 5, 5))
     module = ref.tiny_bn_cnn(track_running_stats=False)
-    C_ref, _, _ = ref.free_recurrence(module, X, y, Xv, yv, plan(n, 3, 2, lr=0.1), CE)
-    result = fit_contributions(module, X, y, Xv, yv, criterion=CE, trajectory=plan(n, 3, 2, lr=0.1))
+    C_ref, nabla, w_T = ref.free_recurrence(module, X, y, Xv, yv, plan(n, batch_size, 2, lr=0.1), CE)
+    result = fit_contributions(module, X, y, Xv, yv, criterion=CE, trajectory=plan(n, batch_size, 2, lr=0.1))
     assert ref.relative_error(result.contribution, C_ref) < 1e-9
+    # every direction, not only the first, sees the step's dropout masks
+    assert ref.relative_error(result.class_contribution, class_reference(module, nabla, w_T, Xv, yv, 3)) < 1e-9
 
 
 def test_free_tracker_vectors_equal_plain_recurrence():
