@@ -50,7 +50,7 @@ bench-smoke: $(BENCH_STAMP)
 # fit on all of that machine's CPUs (docs/large_data.rst).
 gpu-check: $(BENCH_STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_estimator.py -k cuda
-	$(BIN)/python benchmarks/gpu_check.py --out docs/_generated/gpu_check.md
+	$(BIN)/python benchmarks/gpu_check.py --densenet-train 10000 --out docs/_generated/gpu_check.md
 	$(BIN)/python benchmarks/distributed.py --threads $$(nproc) --processes 2 --repeats 2 \
 		--out docs/_generated/distributed_many_cores.md
 
