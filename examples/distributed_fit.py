@@ -13,6 +13,7 @@ with the same fitted attributes. The data here is scikit-learn's digits with
 """
 
 import argparse
+import gc
 import os
 import time
 
@@ -55,6 +56,9 @@ def main(small: bool) -> None:
         print("identical contributions on every rank:", all(torch.equal(r, mine) for r in ranks))
     dist.barrier()  # the last collective holds no tensor: gloo then shuts down cleanly
     dist.destroy_process_group()
+    # reference cycles (torch.func's closures among them) freed now, not during interpreter shutdown, where
+    # gloo's worker threads can abort the process ("terminate called without an active exception")
+    gc.collect()
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Data-parallel fit: two gloo processes give the single-process fit, and agree with each other."""
 
+import gc
 import os
 import socket
 
@@ -49,6 +50,7 @@ def _rank(rank, world, port, out, strategy):
     finally:
         dist.barrier()  # no rank tears the group down while another still talks to it
         dist.destroy_process_group()
+        gc.collect()  # cycles freed before interpreter shutdown, where gloo's threads can abort
 
 
 def free_port():
