@@ -59,6 +59,9 @@ gpu-check: $(BENCH_STAMP)
 # suite line runs the same settings.
 bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/overhead.py --out docs/_generated/overhead.md
+	$(BIN)/python benchmarks/batchnorm_route.py --out docs/_generated/batchnorm_route.md
+	$(BIN)/python benchmarks/autocast_effect.py --out docs/_generated/autocast.md
+	$(BIN)/python benchmarks/distributed.py --out docs/_generated/distributed.md
 	$(BIN)/python benchmarks/cluster_choice.py --out docs/_generated/cluster_choice.md
 	$(BIN)/python benchmarks/suite.py --dataset digits --out docs/_generated/suite_digits.md
 	$(BIN)/python benchmarks/suite.py --dataset fashion --seeds 2 --out docs/_generated/suite_fashion.md

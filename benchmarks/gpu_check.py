@@ -9,8 +9,8 @@ symmetric noise and 1,000 validation images, times with the device
 synchronised, ratio to plain training, and the peak GPU memory of each.
 DenseNet-BC-40 takes the images padded to 32x32; it holds BatchNorm, so its
 scoring walks the stored weights with one forward-mode JVP per direction
-rather than the layer factors (10 times plain training on 2 CPU cores, 128
-images, one epoch). ``--densenet-train`` bounds its training set
+rather than the layer factors (benchmarks/batchnorm_route.py has its cost on a
+CPU). ``--densenet-train`` bounds its training set
 (``make gpu-check`` passes 10,000 so that the check surely fits in a short
 lease of a GPU machine).
 
