@@ -125,8 +125,8 @@ def main() -> None:
     for r in rows:
         effect = (f"{r['spearman_contribution']:.3f} | {r['flagged_overlap']:.1%}" if "spearman_contribution" in r
                   else "- | -")
-        lines.append(f"| {r['model']} | {r['n_train']:,} | {r['autocast']} | {r['epochs']} | {r['plain_s']:.1f} | {r['fit_s']:.1f} | "
-                     f"{r['ratio']:.2f} | {r['plain_peak_mib']:.0f} / {r['fit_peak_mib']:.0f} | "
+        lines.append(f"| {r['model']} | {r['n_train']:,} | {r['autocast']} | {r['epochs']} | {r['plain_s']:.1f} | "
+                     f"{r['fit_s']:.1f} | {r['ratio']:.2f} | {r['plain_peak_mib']:.0f} / {r['fit_peak_mib']:.0f} | "
                      f"{r['valid_accuracy']:.3f} | {effect} |")
     emit(lines, args.out)
 
