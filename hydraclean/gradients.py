@@ -164,9 +164,9 @@ def directional_derivatives(
     per-sample gradients and one matrix product, except for a module whose
     samples interact (BatchNorm, Dropout) with fewer directions than samples:
     its per-sample gradients are the rows of the batch Jacobian, ``b``
-    backward passes, so one JVP per direction is cheaper (DenseNet-BC-40, a
-    batch of 64, 10 directions, 2 CPU cores: 6.8 s against 57 s). Each JVP
-    starts from the caller's random state, so all draw the same dropout masks.
+    backward passes, so one JVP per direction is cheaper (a tenth of the time
+    for DenseNet-BC-40 in ``benchmarks/batchnorm_route.py``). Each JVP starts
+    from the caller's random state, so all draw the same dropout masks.
     """
     k = directions.shape[0]
     if k == 1 or (not loss.separable and k < x.shape[0]):
