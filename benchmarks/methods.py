@@ -37,10 +37,11 @@ from hydraclean.gradients import (
     hessian_vector_products,
     parameter_dict,
     per_sample_gradients,
+    unflatten,
     validation_gradients,
 )
 from hydraclean.hypergradient import step_weights
-from hydraclean.training import plan_trajectory, replay, run_sgd, step_rng, train
+from hydraclean.training import plan_trajectory, replay, run_training, step_rng, train
 
 CE = nn.CrossEntropyLoss(reduction="none")
 
@@ -80,7 +81,7 @@ def train_with_checkpoints(make_module, X: torch.Tensor, y: torch.Tensor, recipe
     model = init_module(make_module, seed, X.device)
     traj = recipe.plan(len(y), seed)
     checkpoints = []
-    run_sgd(model, X, y, CE, traj,
+    run_training(model, X, y, CE, traj,
             on_epoch_end=lambda e: checkpoints.append(copy.deepcopy(model.state_dict())))
     steps = -(-len(y) // recipe.batch_size)
     lrs = [float(traj.lrs[(e + 1) * steps - 1]) for e in range(recipe.max_epochs)]
@@ -245,16 +246,25 @@ def replay_statistics(cleaner) -> tuple[np.ndarray, np.ndarray]:
     influence = torch.zeros(traj.n_samples, dtype=torch.float64, device=X.device)
     weighted = torch.zeros_like(influence)
 
-    def on_step(model, t, idx, xb, yb):
-        params = parameter_dict(model)
-        with step_rng(traj.seeds[t], X.device):
-            g = per_sample_gradients(loss, params, xb, yb)
-        with step_rng(traj.seeds[t], X.device), torch.no_grad():
-            losses = loss(params, xb, yb)
-        influence.index_add_(0, idx, (g * g).sum(1).double(), alpha=float(weights[t]))
-        weighted.index_add_(0, idx, losses.double(), alpha=float(weights[t]))
+    like = parameter_dict(cleaner.module_)
 
-    replay(traj, cleaner.module_, X, y, cleaner._criterion, on_step)
+    class Statistics:  # a recorder: every replayed step at its weights w_{t-1}
+        def attach(self, model):
+            pass
+
+        def detach(self):
+            pass
+
+        def record(self, step):
+            params, t = unflatten(step.w, like), step.t
+            with step_rng(traj.seeds[t], X.device):
+                g = per_sample_gradients(loss, params, step.xb, step.yb)
+            with step_rng(traj.seeds[t], X.device), torch.no_grad():
+                losses = loss(params, step.xb, step.yb)
+            influence.index_add_(0, step.idx, (g * g).sum(1).double(), alpha=float(weights[t]))
+            weighted.index_add_(0, step.idx, losses.double(), alpha=float(weights[t]))
+
+    replay(traj, cleaner.module_, X, y, cleaner._criterion, Statistics())
     out = np.full((2, cleaner.validation_mask_.size), np.nan)
     out[:, ~cleaner.validation_mask_] = torch.stack([influence, weighted]).cpu().numpy()
     return out[0], out[1]

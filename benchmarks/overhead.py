@@ -53,7 +53,7 @@ from hydraclean import HydraLabelCleaner
 from hydraclean.datasets import load_fashion_mnist, make_label_noise
 from hydraclean.models import LeNet5
 from hydraclean.training import plan_trajectory
-from hydraclean.weight_store import parse_bytes
+from hydraclean.run_store import parse_bytes
 
 N_TRAIN, N_VAL, BATCH, LR = 10_000, 1_000, 64, 0.01
 MAX_MEMORY = "1GB"

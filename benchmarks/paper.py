@@ -115,11 +115,6 @@ def figures_3_5(n_train, n_tracked, epochs, smoke, log):
     curves = {"epoch": [], "error_norm": [], "HYDRA": [], "influence functions": []}
     state = {}
 
-    def on_step(model, t, idx, xb, yb):
-        exact(model, t, idx, xb, yb)
-        free(model, t, idx, xb, yb)
-        if (t + 1) % steps == 0:
-            state["pending"] = (t + 1) // steps
 
     def measure(model):  # after an epoch's last step: contributions as if training ended here
         g, _ = validation_gradients(model, Xvt, yvt, CE)
@@ -133,14 +128,25 @@ def figures_3_5(n_train, n_tracked, epochs, smoke, log):
         log(f"  epoch {curves['epoch'][-1]}: error {curves['error_norm'][-1]:.3g}, HYDRA {curves['HYDRA'][-1]}, "
             f"IF {curves['influence functions'][-1]}")
 
-    # step t's callback sees w_{t-1}: the state after epoch e is measured at the first step of epoch e + 1,
-    # and after the last epoch on the trained model.
-    def wrapped(model, t, idx, xb, yb):
-        if "pending" in state:
-            measure(model)
-        on_step(model, t, idx, xb, yb)
+    class Epochs:
+        """Both trackers; step t is recorded at w_{t-1}, so the state after epoch e is measured at the first
+        step of epoch e + 1, and after the last epoch on the trained model."""
 
-    model, _, _ = train(module, Xt, yt, CE, traj, on_step=wrapped)
+        def attach(self, model):
+            self.model = model
+
+        def detach(self):
+            pass
+
+        def record(self, step):
+            if "pending" in state:
+                measure(self.model)
+            exact.record(step)
+            free.record(step)
+            if (step.t + 1) % steps == 0:
+                state["pending"] = (step.t + 1) // steps
+
+    model, _, _ = train(module, Xt, yt, CE, traj, recorder=Epochs())
     measure(model)
     return curves
 

@@ -19,7 +19,7 @@ on the device, indexed by the same ``idx``.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Union
 
 import numpy as np
@@ -29,7 +29,8 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 if TYPE_CHECKING:
     from .training import Trajectory
 
-__all__ = ["DatasetInputs", "Inputs", "first_inputs", "materialize", "sample_seed", "sample_shape", "step_inputs"]
+__all__ = ["DatasetInputs", "Inputs", "first_inputs", "materialize", "sample_seed", "sample_shape", "step_indices",
+           "step_inputs"]
 
 _MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
 
@@ -109,11 +110,12 @@ class DatasetInputs:
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def steps(self, trajectory: Trajectory) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        """``(t, idx, xb)`` for every step of the run, through one DataLoader."""
+    def steps(self, trajectory: Trajectory, steps: Sequence[int] | None = None
+              ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """``(t, idx, xb)`` for the run's ``steps`` (default: all, in order), through one DataLoader."""
         order = torch.as_tensor(trajectory.order)
-        loader = _loader(self.dataset, _StepKeys(trajectory, order), self.num_workers, self.pin_memory)
-        for (t, rows), xb in zip(_batches(trajectory, order), loader):
+        loader = _loader(self.dataset, _StepKeys(trajectory, order, steps), self.num_workers, self.pin_memory)
+        for (t, rows), xb in zip(_batches(trajectory, order, steps), loader):
             yield t, rows.to(self.device), xb.to(self.device, dtype=self.dtype, non_blocking=self.pin_memory)
 
 
@@ -127,14 +129,14 @@ def _loader(dataset: Dataset, keys: Iterable[list[tuple[int, int]]], num_workers
 class _StepKeys:
     """The DataLoader's batch sampler: ``[(step seed, index), ...]`` per step, made as they are asked for."""
 
-    def __init__(self, trajectory: Trajectory, order: torch.Tensor) -> None:
-        self.trajectory, self.order = trajectory, order
+    def __init__(self, trajectory: Trajectory, order: torch.Tensor, steps: Sequence[int] | None = None) -> None:
+        self.trajectory, self.order, self.steps = trajectory, order, steps
 
     def __len__(self) -> int:
-        return self.trajectory.n_steps
+        return self.trajectory.n_steps if self.steps is None else len(self.steps)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for t, rows in _batches(self.trajectory, self.order):
+        for t, rows in _batches(self.trajectory, self.order, self.steps):
             seed = int(self.trajectory.seeds[t])
             yield [(seed, i) for i in rows.tolist()]
 
@@ -143,23 +145,34 @@ class _StepKeys:
 Inputs = Union[torch.Tensor, DatasetInputs]
 
 
-def step_inputs(X: Inputs, trajectory: Trajectory) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """``(t, idx, xb)`` for every step of the run, in order: ``idx`` on the device, ``xb`` its inputs.
+def step_inputs(X: Inputs, trajectory: Trajectory, steps: Sequence[int] | None = None
+                ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """``(t, idx, xb)`` for the run's ``steps`` (default: every step, in order): ``idx`` on the device, ``xb``
+    its inputs.
 
     In a data-parallel run ``idx`` is this rank's share of the batch.
     """
     if isinstance(X, DatasetInputs):
-        yield from X.steps(trajectory)
+        yield from X.steps(trajectory, steps)
         return
     order = torch.as_tensor(trajectory.order, device=X.device)  # one copy, no transfer per step
-    for t, idx in _batches(trajectory, order):
+    for t, idx in _batches(trajectory, order, steps):
         yield t, idx, X[idx]
 
 
-def _batches(trajectory: Trajectory, order: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
-    """``(t, idx)`` of every step: the batch, or this rank's share of it."""
-    bs, per_epoch = trajectory.batch_size, -(-trajectory.n_samples // trajectory.batch_size)
-    for t in range(trajectory.n_steps):
+def step_indices(trajectory: Trajectory, steps: Sequence[int] | None, device: torch.device
+                 ) -> Iterator[tuple[int, torch.Tensor, None]]:
+    """``(t, idx, None)``: :func:`step_inputs` without the inputs."""
+    order = torch.as_tensor(trajectory.order, device=device)
+    for t, idx in _batches(trajectory, order, steps):
+        yield t, idx, None
+
+
+def _batches(trajectory: Trajectory, order: torch.Tensor, steps: Sequence[int] | None = None
+             ) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(t, idx)`` of each step: the batch, or this rank's share of it."""
+    bs, per_epoch = trajectory.batch_size, trajectory.steps_per_epoch
+    for t in range(trajectory.n_steps) if steps is None else steps:
         epoch, k = divmod(t, per_epoch)
         idx = order[epoch, k * bs : (k + 1) * bs]
         yield t, idx if trajectory.shard is None else trajectory.shard.split(idx)

@@ -25,6 +25,8 @@ from .scoring import SCORES
 
 __all__ = ["main"]
 
+_OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+
 
 def _table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     """Fixed-width text table; columns are (key, header, format)."""
@@ -235,7 +237,8 @@ def run_clean(args: argparse.Namespace) -> int:
         _make_module(args.model, shape), strategy=args.strategy, scoring=args.scoring,
         drop_fraction=args.drop_fraction,
         n_val_features=args.n_val_features, hessian=args.hessian, max_epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+        batch_size=args.batch_size, optimizer=_OPTIMIZERS[args.optimizer], lr=args.lr, momentum=args.momentum,
+        weight_decay=args.weight_decay,
         lr_schedule=ExponentialDecay(args.lr_decay) if args.lr_decay < 1 else "constant",
         validation_fraction=args.validation_fraction, device=args.device, random_state=args.seed,
         verbose=args.verbose,
@@ -323,10 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
     clean.add_argument("--hessian", choices=["free", "exact"], default="free", help="default free")
     clean.add_argument("--epochs", type=int, default=10, help="training epochs (default 10)")
     clean.add_argument("--batch-size", type=int, default=64, help="default 64")
-    clean.add_argument("--lr", type=float, default=0.01, help="learning rate (default 0.01)")
+    clean.add_argument("--optimizer", choices=sorted(_OPTIMIZERS), default="sgd", help="default sgd")
+    clean.add_argument("--lr", type=float, default=None,
+                       help="learning rate (default 0.01 for sgd, torch's 1e-3 for adam and adamw)")
     clean.add_argument("--lr-decay", type=float, default=1.0, help="learning-rate factor per epoch (default 1)")
-    clean.add_argument("--momentum", type=float, default=0.9, help="default 0.9")
-    clean.add_argument("--weight-decay", type=float, default=0.0, help="default 0")
+    clean.add_argument("--momentum", type=float, default=0.9, help="SGD's momentum (default 0.9)")
+    clean.add_argument("--weight-decay", type=float, default=None,
+                       help="default 0 for sgd and adam, torch's 1e-2 for adamw (decoupled)")
     clean.add_argument("--validation-fraction", type=float, default=0.1,
                        help="held out when no validation set is given (default 0.1)")
     clean.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")

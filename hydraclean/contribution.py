@@ -20,14 +20,13 @@ are the class means of ``C(i, j)``, and ``C(i) = sum_c (n_c / n_val) C(i, c)``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from .batches import Inputs, first_inputs
+from .batches import Inputs
 from .distributed import Shard
 from .gradients import (
     class_validation_gradients,
@@ -35,10 +34,8 @@ from .gradients import (
     per_sample_validation_gradients,
     validation_gradients,
 )
-from .hypergradient import ExactTracker, free_projections, step_weights
-from .projection import LayerFactorProjector, TrainingFactors
+from .routes import plan_route
 from .training import Progress, Trajectory, train
-from .weight_store import WeightStore
 
 __all__ = [
     "Explanation",
@@ -69,11 +66,11 @@ class HydraResult:
         Per-epoch training (and validation) loss and accuracy.
     trajectory : Trajectory
         The recorded run, replayable.
-    contribution : ndarray of shape (n_samples,), float64
-        ``C(i)``; NaN for samples that were not tracked (``hessian="exact"``
-        restricted to a subset).
-    class_contribution : ndarray of shape (n_samples, n_classes), float64
-        ``C(i, c)``; a class without validation samples has a NaN column.
+    contribution : ndarray of shape (n_samples,), float64, or None
+        ``C(i)``; None when no contribution was asked for.
+    class_contribution : ndarray of shape (n_samples, n_classes), float64, or None
+        ``C(i, c)``; a class without validation samples has a NaN column;
+        None when not asked for.
     contribution_matrix : ndarray of shape (n_samples, n_rows) or None
         ``C(i, j)`` for the requested validation rows ``j``.
     trajectory_loss : ndarray of shape (n_samples,), float64
@@ -86,8 +83,8 @@ class HydraResult:
     model: nn.Module
     history: dict[str, list[float]]
     trajectory: Trajectory
-    contribution: np.ndarray
-    class_contribution: np.ndarray
+    contribution: np.ndarray | None
+    class_contribution: np.ndarray | None
     contribution_matrix: np.ndarray | None
     trajectory_loss: np.ndarray
     trajectory_proba: np.ndarray
@@ -104,14 +101,17 @@ def fit_contributions(
     trajectory: Trajectory,
     n_classes: int | None = None,
     hessian: str = "free",
+    contributions: bool = True,
+    classes: bool = True,
     val_rows: torch.Tensor | None = None,
-    exact_indices: torch.Tensor | None = None,
-    chunk_size: int | None = None,
     progress: Progress | None = None,
     max_memory: int = 10**9,
     spill_dir: str | None = None,
 ) -> HydraResult:
     """Train along ``trajectory`` and score every training sample against the validation set.
+
+    Plan the route (:func:`hydraclean.routes.plan_route`), train with it, take
+    the validation directions at ``w_T``, project.
 
     Parameters
     ----------
@@ -127,30 +127,31 @@ def fit_contributions(
     criterion : nn.Module
         Per-sample loss, ``reduction="none"``.
     trajectory : Trajectory
-        From :func:`hydraclean.training.plan_trajectory`.
+        From :func:`hydraclean.training.plan_trajectory` (optimizer and schedule included).
     n_classes : int, optional
         Number of classes (columns of ``class_contribution``); default
         ``max(y, y_val) + 1``.
     hessian : {"free", "exact"}
-        Hessian-free replay (O(N K) memory) or exact tracking with
-        Hessian-vector products (O(S n_params) memory for S tracked samples).
+        Drop the loss Hessian from the hypergradient (HYDRA's fast form), or
+        keep it (reverse mode over the stored run: K Hessian-vector products
+        per step for K directions).
+    contributions : bool, default=True
+        False trains without scoring: the contributions are None and nothing
+        is kept from the run.
+    classes : bool, default=True
+        Project on every validation class's gradient (``class_contribution``,
+        and ``C(i)`` as their weighted sum); False projects on the mean
+        validation gradient alone (one direction).
     val_rows : Tensor of int, optional
         Validation rows ``j`` for which ``C(i, j)`` is wanted.
-    exact_indices : Tensor of int, optional
-        With ``hessian="exact"``, the samples to track (default: all).
-    chunk_size : int, optional
-        Hessian-vector products per vectorised call.
     progress : callable, optional
-        Wraps each loop over epochs.
+        Wraps each walk over the run's steps (training, scoring):
+        ``progress(steps, desc, n_steps)``.
     max_memory : int, default=10**9
-        Bytes (on the data's device) for what ``hessian="free"`` keeps from
-        the training run: the layer factors when the model allows them and they
-        fit (:class:`hydraclean.projection.TrainingFactors`), else the weights
-        (:class:`hydraclean.weight_store.WeightStore`) and, in what is left,
-        the convolution hypergradient buffer.
+        Bytes (on the data's device) for what the route keeps from the run.
     spill_dir : str, optional
-        Directory for a memory-mapped file of the weights when they do not
-        fit in ``max_memory``.
+        Directory for a memory-mapped file of the run's gradients when they
+        do not fit in ``max_memory``.
 
     Returns
     -------
@@ -159,71 +160,79 @@ def fit_contributions(
     Raises
     ------
     ValueError
-        When ``max_memory`` cannot hold one checkpoint and there is no ``spill_dir``.
+        When ``max_memory`` cannot hold what scoring needs and there is no
+        ``spill_dir``, or for ``hessian="exact"`` in a data-parallel run.
     """
     n = y.shape[0]
-    tracker = store = factors = None
-    if hessian == "free":
-        factors = TrainingFactors.plan(module, first_inputs(X, 2), trajectory, step_weights(trajectory), max_memory,
-                                       data=X if isinstance(X, torch.Tensor) else None)
-        if factors is None:
-            store = WeightStore(module, trajectory.n_steps, max_memory, spill_dir)
-    else:
-        if trajectory.shard is not None:
-            raise ValueError("hessian='exact' runs in one process: pass distributed=False (or hessian='free').")
-        if exact_indices is None:
-            exact_indices = torch.arange(n, device=y.device)
-        tracker = ExactTracker(module, criterion, trajectory, exact_indices, chunk_size=chunk_size)
+    if hessian == "exact" and trajectory.shard is not None:
+        raise ValueError("hessian='exact' runs in one process: pass distributed=False (or hessian='free').")
+    route = None
+    if contributions:
+        route = plan_route(module, criterion, X, y, trajectory, hessian=hessian, max_memory=max_memory,
+                           spill_dir=spill_dir)
     try:
-        model, history, trace = train(
-            module, X, y, criterion, trajectory, on_step=tracker, validation=(X_val, y_val), progress=progress,
-            store=factors or store,
-        )
-    finally:  # the hooks leave the training model also when training fails
-        if factors is not None:
-            factors.detach()
-    if factors is not None:  # frees the summed output gradients before the validation gradients take memory
-        factors.finish()
-    if n_classes is None:
-        n_classes = int(max(y.max(), y_val.max())) + 1
-    counts = torch.bincount(y_val, minlength=n_classes)
-    class_grads = _class_gradients(model, X_val, y_val, criterion, n_classes, counts, trajectory.shard)
-    present = counts > 0
-    n_present = int(present.sum())
-    # one set of directions for one pass: [mean (only when it is not the classes' sum), classes, rows]
-    separable = eval_separable(model)  # grad L_val = sum_c (n_c / n_val) G^c: C(i) from C(i, c), no column
-    lead = 0 if separable else 1  # BatchNorm without running statistics: the mean loss is not the classes' sum
+        model, history, trace = train(module, X, y, criterion, trajectory, recorder=route,
+                                      validation=(X_val, y_val), progress=progress)
+        if n_classes is None:
+            n_classes = int(max(y.max(), y_val.max())) + 1
+        scores = by_class = matrix = contribution = None
+        if route is not None:
+            route.finish()  # frees what training left (the summed output gradients) before the directions take memory
+            directions, layout = _directions(model, X_val, y_val, criterion, n_classes, classes, val_rows,
+                                             trajectory.shard)
+            rows = None if val_rows is None else (model, X_val[val_rows], y_val[val_rows])
+            projections = route.project(directions, rows, progress)
+            if trajectory.shard is not None:  # each rank holds its samples' rows, zeros elsewhere
+                trajectory.shard.all_reduce(projections)
+                trajectory.shard.finish()
+            scores = contributions_from_projections(projections, n).double().cpu().numpy()
+            contribution, by_class, matrix = layout(scores)
+    finally:
+        if route is not None:
+            route.close()
+    return HydraResult(model, history, trajectory, contribution, by_class, matrix,
+                       trace.loss.double().cpu().numpy(), trace.proba.double().cpu().numpy())
+
+
+def _directions(model: nn.Module, X_val: torch.Tensor, y_val: torch.Tensor, criterion: nn.Module, n_classes: int,
+                classes: bool, val_rows: torch.Tensor | None, shard: Shard | None):
+    """The directions of one projection, ``[mean (when not the classes' sum), classes, rows]``, and a function
+    that lays the (N, K) scores out as ``(C(i), C(i, c) or None, C(i, j) or None)``."""
     n_rows = 0 if val_rows is None else len(val_rows)
-    directions = class_grads.new_empty(lead + n_present + n_rows, class_grads.shape[1])
-    directions[lead : lead + n_present] = class_grads[present]
-    del class_grads
-    if not separable:
+    if classes:
+        counts = torch.bincount(y_val, minlength=n_classes)
+        class_grads = _class_gradients(model, X_val, y_val, criterion, n_classes, counts, shard)
+        present = counts > 0
+        n_present = int(present.sum())
+        # grad L_val = sum_c (n_c / n_val) G^c: C(i) from C(i, c), no column of its own, except for BatchNorm
+        # without running statistics, whose mean loss is not the classes' sum
+        lead = 0 if eval_separable(model) else 1
+        directions = class_grads.new_empty(lead + n_present + n_rows, class_grads.shape[1])
+        directions[lead : lead + n_present] = class_grads[present]
+        del class_grads
+        weights = counts[present].double().cpu().numpy() / len(y_val)
+        present = present.cpu().numpy()
+    else:
+        lead, n_present = 1, 0
+        params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        directions = X_val.new_empty(1 + n_rows, params)
+    if lead:
         directions[0] = validation_gradients(model, X_val, y_val, criterion)[0]
     if n_rows:
         per_sample_validation_gradients(model, X_val, y_val, criterion, val_rows, out=directions[lead + n_present :])
-    if trajectory.shard is not None and n_rows:  # every rank projects on rank 0's validation rows
-        trajectory.shard.broadcast(directions[lead + n_present :])
-    rows = None if val_rows is None else (model, X_val[val_rows], y_val[val_rows])
-    if factors is not None:
-        projections = factors.project(LayerFactorProjector(module, criterion, directions, n, rows))
-    elif store is not None:
-        projections = free_projections(trajectory, module, X, y, criterion, directions, progress=progress,
-                                       store=store, rows=rows, accumulate_bytes=max_memory - store.nbytes)
-        store.close()
-    else:
-        projections = torch.full((n, directions.shape[0]), float("nan"), dtype=directions.dtype, device=y.device)
-        projections[exact_indices] = tracker.nabla @ directions.T
-    if trajectory.shard is not None:  # each rank holds its samples' rows, zeros elsewhere
-        trajectory.shard.all_reduce(projections)
-        trajectory.shard.finish()
-    scores = contributions_from_projections(projections, n).double().cpu().numpy()
-    by_class = np.full((n, n_classes), np.nan)
-    by_class[:, present.cpu().numpy()] = scores[:, lead : lead + n_present]
-    weights = counts[present].double().cpu().numpy() / len(y_val)
-    contribution = scores[:, lead : lead + n_present] @ weights if separable else scores[:, 0].copy()
-    matrix = scores[:, lead + n_present :] if n_rows else None
-    return HydraResult(model, history, trajectory, contribution, by_class, matrix,
-                       trace.loss.double().cpu().numpy(), trace.proba.double().cpu().numpy())
+        if shard is not None:  # every rank projects on rank 0's validation rows
+            shard.broadcast(directions[lead + n_present :])
+
+    def layout(scores: np.ndarray):
+        by_class = None
+        if classes:
+            by_class = np.full((scores.shape[0], n_classes), np.nan)
+            by_class[:, present] = scores[:, lead : lead + n_present]
+        contribution = scores[:, 0].copy() if lead else scores[:, :n_present] @ weights
+        matrix = scores[:, lead + n_present :] if n_rows else None
+        return contribution, by_class, matrix
+
+    return directions, layout
 
 
 def _class_gradients(model: nn.Module, X_val: torch.Tensor, y_val: torch.Tensor, criterion: nn.Module,

@@ -49,15 +49,6 @@ class Shard:
         """The seed of this rank's forward pass in a step: dropout masks differ across ranks."""
         return (int(seed) + self.rank) % 2**63
 
-    def all_reduce_gradients(self, model: nn.Module) -> None:
-        """Sum every trainable parameter's gradient across ranks, in one collective."""
-        params = {k: p for k, p in model.named_parameters() if p.requires_grad}
-        grads = {k: p.grad if p.grad is not None else torch.zeros_like(p) for k, p in params.items()}
-        flat = flatten(grads)
-        dist.all_reduce(flat)
-        for p, g in zip(params.values(), unflatten(flat, grads).values()):
-            p.grad = g.clone()  # not views: nothing outside this call keeps the collective's buffer
-
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` across ranks, in place; returns it."""
         dist.all_reduce(tensor)

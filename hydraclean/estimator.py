@@ -32,7 +32,7 @@ from .contribution import (
     top_contributors,
 )
 from .gradients import per_sample_validation_gradients
-from .hypergradient import free_projections
+from .routes import plan_route
 from .scoring import SCORES
 from .batches import DatasetInputs, Inputs, first_inputs, materialize, sample_shape
 from .distributed import current_shard
@@ -45,8 +45,8 @@ from .data import (
     scale_mismatch,
     select_rows,
 )
-from .training import learning_shortfall, plan_trajectory, step_rng
-from .weight_store import parse_bytes
+from .run_store import parse_bytes
+from .training import learning_shortfall, plan_trajectory, replay, step_rng
 
 __all__ = ["HydraLabelCleaner", "HydraSampler"]
 
@@ -106,13 +106,14 @@ class _HydraBase(BaseEstimator):
         "drop_fraction": [Interval(Real, 0, 1, closed="both"), StrOptions({"auto"})],
         "n_val_features": [Interval(Integral, 1, None, closed="left")],
         "hessian": [StrOptions({"free", "exact"})],
-        "exact_subset": ["array-like", None],
         "max_epochs": [Interval(Integral, 1, None, closed="left")],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
-        "lr": [Interval(Real, 0, None, closed="neither")],
+        "optimizer": [type],
+        "lr": [Interval(Real, 0, None, closed="neither"), None],
         "momentum": [Interval(Real, 0, 1, closed="left")],
-        "weight_decay": [Interval(Real, 0, None, closed="left")],
-        "lr_schedule": [StrOptions({"constant"}), callable],
+        "weight_decay": [Interval(Real, 0, None, closed="left"), None],
+        "lr_schedule": [StrOptions({"constant", "cosine"}), callable],
+        "lr_schedule_interval": [StrOptions({"auto", "epoch", "batch"})],
         "criterion": [nn.Module, None],
         "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
         "device": [str, torch.device],
@@ -134,13 +135,14 @@ class _HydraBase(BaseEstimator):
         drop_fraction: float | str = "auto",
         n_val_features: int = 1000,
         hessian: str = "free",
-        exact_subset=None,
         max_epochs: int = 10,
         batch_size: int = 64,
-        lr: float = 0.01,
+        optimizer: type = torch.optim.SGD,
+        lr: float | None = None,
         momentum: float = 0.9,
-        weight_decay: float = 0.0,
+        weight_decay: float | None = None,
         lr_schedule="constant",
+        lr_schedule_interval: str = "auto",
         criterion: nn.Module | None = None,
         validation_fraction: float = 0.1,
         device="auto",
@@ -151,6 +153,7 @@ class _HydraBase(BaseEstimator):
         spill_dir: str | os.PathLike | None = None,
         random_state=None,
         verbose: int = 0,
+        **kwargs,
     ) -> None:
         self.module = module
         self.strategy = strategy
@@ -158,13 +161,14 @@ class _HydraBase(BaseEstimator):
         self.drop_fraction = drop_fraction
         self.n_val_features = n_val_features
         self.hessian = hessian
-        self.exact_subset = exact_subset
         self.max_epochs = max_epochs
         self.batch_size = batch_size
+        self.optimizer = optimizer
         self.lr = lr
         self.momentum = momentum
         self.weight_decay = weight_decay
         self.lr_schedule = lr_schedule
+        self.lr_schedule_interval = lr_schedule_interval
         self.criterion = criterion
         self.validation_fraction = validation_fraction
         self.device = device
@@ -175,6 +179,31 @@ class _HydraBase(BaseEstimator):
         self.spill_dir = spill_dir
         self.random_state = random_state
         self.verbose = verbose
+        for key, value in kwargs.items():  # checked in fit, as every parameter is
+            setattr(self, key, value)
+
+    # skorch's convention: optimizer__<name> and lr_schedule__<name> are the torch classes' arguments, and
+    # parameters of the estimator for get_params, set_params, clone and GridSearchCV.
+    def get_params(self, deep: bool = True) -> dict:
+        params = super().get_params(deep=deep)
+        params.update(self._extra_params())
+        return params
+
+    def set_params(self, **params):
+        names = set(self._get_param_names())
+        extra = {k: v for k, v in params.items() if k.startswith(_ROUTED) or (k not in names and "__" not in k)}
+        for key, value in extra.items():
+            setattr(self, key, value)
+        return super().set_params(**{k: v for k, v in params.items() if k not in extra})
+
+    def _extra_params(self) -> dict:
+        """The keyword arguments beyond the signature's (fitted and private attributes excluded)."""
+        names = set(self._get_param_names())
+        return {k: v for k, v in vars(self).items()
+                if k not in names and not k.startswith("_") and not k.endswith("_")}
+
+    def _routed(self, prefix: str) -> dict:
+        return {k[len(prefix) :]: v for k, v in self._extra_params().items() if k.startswith(prefix)}
 
     def fit(self, X, y=None, X_val=None, y_val=None, validation_mask=None):
         """Train the module while tracking hypergradients, score and flag every sample.
@@ -206,6 +235,7 @@ class _HydraBase(BaseEstimator):
             Fitted estimator.
         """
         self._validate_params()
+        _check_routed(type(self).__name__, self._extra_params())
         fitted = self._fit(X, y, X_val, y_val, validation_mask)
         for name in _FITTED:
             setattr(self, name, fitted[name])
@@ -233,9 +263,11 @@ class _HydraBase(BaseEstimator):
     def explain(self, X_val, y_val=None, k: int = 10) -> Explanation:
         """The training samples that helped and hurt each given validation sample most.
 
-        Replays the recorded training run once (no retraining) with the
-        Hessian-free recursion, whatever ``hessian`` was, to get ``C(i, j)``
-        for every training row ``i`` and every given sample ``j``.
+        Replays the recorded training run once (the same steps from the
+        recorded ``w_0``: bit for bit on CPU) and projects its Hessian-free
+        hypergradients, whatever ``hessian`` was, to get ``C(i, j)`` for every
+        training row ``i`` and every given sample ``j``: about the cost of a
+        ``strategy="cluster"`` fit with as many validation features.
 
         Parameters
         ----------
@@ -278,8 +310,14 @@ class _HydraBase(BaseEstimator):
         G = per_sample_validation_gradients(model, Xv_t, yv_t, self._criterion, torch.arange(len(yv), device=device))
         # module_ supplies the architecture; the replay starts from the recorded w_0
         trajectory = replace(self.trajectory_, shard=current_shard(self.distributed))
-        P = free_projections(trajectory, model, X_tr, y_tr, self._criterion, G, progress=self._progress(),
-                             rows=(model, Xv_t, yv_t))
+        route = plan_route(model, self._criterion, X_tr, y_tr, trajectory, max_memory=parse_bytes(self.max_memory),
+                           spill_dir=self.spill_dir)
+        try:
+            replay(trajectory, model, X_tr, y_tr, self._criterion, route, progress=self._progress())
+            route.finish()
+            P = route.project(G, (model, Xv_t, yv_t), self._progress())
+        finally:
+            route.close()
         if trajectory.shard is not None:
             trajectory.shard.all_reduce(P)
             trajectory.shard.finish()
@@ -416,19 +454,23 @@ class _HydraBase(BaseEstimator):
         if self.strategy == "cluster":
             m = min(self.n_val_features, Xv.shape[0])
             val_rows = np.sort(np.random.RandomState(feature_seed).choice(Xv.shape[0], size=m, replace=False))
-        exact_rows = self._exact_rows(data.val_mask) if self.hessian == "exact" else None
         trajectory = plan_trajectory(
             len(yt),
             batch_size=self.batch_size,
             max_epochs=self.max_epochs,
+            seed=train_seed,
+            optimizer=self.optimizer,
             lr=self.lr,
-            lr_schedule=self.lr_schedule,
             momentum=self.momentum,
             weight_decay=self.weight_decay,
-            seed=train_seed,
+            lr_schedule=self.lr_schedule,
+            optimizer_options=self._routed("optimizer__"),
+            schedule_options=self._routed("lr_schedule__"),
+            schedule_interval=self.lr_schedule_interval,
             autocast=None if self.autocast is None else getattr(torch, self.autocast),
             shard=shard,
         )
+        needs = self._needs()
         result = fit_contributions(
             module,
             Xt,
@@ -439,8 +481,9 @@ class _HydraBase(BaseEstimator):
             trajectory=trajectory,
             n_classes=data.classes.size,
             hessian=self.hessian,
+            contributions=bool(needs - {"trajectory"}),
+            classes="class_contribution" in needs,
             val_rows=None if val_rows is None else torch.as_tensor(val_rows, device=device),
-            exact_indices=None if exact_rows is None else torch.as_tensor(exact_rows, device=device),
             progress=self._progress(),
             max_memory=max_memory,
             spill_dir=self.spill_dir,
@@ -487,7 +530,8 @@ class _HydraBase(BaseEstimator):
             **run,
             "contribution_": per_row(result.contribution),
             "class_contribution_": class_contribution,
-            "suggested_label_": suggest_labels(class_contribution, data.classes, data.y_all),
+            "suggested_label_": None if class_contribution is None else suggest_labels(class_contribution,
+                                                                                        data.classes, data.y_all),
             "contribution_matrix_": per_row(result.contribution_matrix),
             "trajectory_loss_": per_row(result.trajectory_loss),
             "trajectory_proba_": per_row(result.trajectory_proba),
@@ -550,16 +594,15 @@ class _HydraBase(BaseEstimator):
             )
         return self.criterion
 
-    def _exact_rows(self, val_mask: np.ndarray) -> np.ndarray | None:
-        """Positions among the training rows of the rows of X in ``exact_subset``."""
-        if self.exact_subset is None:
-            return None
-        rows = np.unique(np.asarray(self.exact_subset, dtype=np.int64))
-        if rows.size == 0 or rows.min() < 0 or rows.max() >= val_mask.size:
-            raise ValueError(f"exact_subset must hold row indices of X in [0, {val_mask.size}).")
-        if val_mask[rows].any():
-            raise ValueError("exact_subset names validation rows; it must name training rows only.")
-        return np.searchsorted(np.flatnonzero(~val_mask), rows)
+    def _needs(self) -> frozenset[str]:
+        """What this fit must compute: the score's inputs, and the class-resolved contributions for the
+        automatic count; ``"contribution"`` or ``"class_contribution"`` cost a hypergradient."""
+        needs = set(SCORES[self.scoring].needs)
+        if self.strategy == "drop" and self.drop_fraction == "auto":
+            needs.add("class_contribution")
+        if self.strategy == "cluster":
+            needs.add("contribution")
+        return frozenset(needs)
 
     def _progress(self):
         if not self.verbose:
@@ -570,13 +613,28 @@ class _HydraBase(BaseEstimator):
             warnings.warn("verbose > 0 shows progress bars with tqdm, which is not installed: pip install tqdm.",
                           stacklevel=4)
             return None
-        return lambda it, desc: tqdm(it, desc=desc, unit="epoch", leave=False)
+        return lambda it, desc, total: tqdm(it, desc=desc, total=total, unit="step", leave=False)
 
 
 def _available_devices() -> list[str]:
     devices = ["cpu"] + [f"cuda:{k}" for k in range(torch.cuda.device_count())]
     mps = getattr(torch.backends, "mps", None)
     return devices + (["mps"] if mps is not None and mps.is_available() else [])
+
+
+#: Prefixes of the keyword arguments that reach the torch classes (skorch's convention).
+_ROUTED = ("optimizer__", "lr_schedule__")
+
+
+def _check_routed(owner: str, kwargs: dict) -> None:
+    """Only ``optimizer__<name>`` and ``lr_schedule__<name>`` keywords: anything else is a typo."""
+    for key in kwargs:
+        if not key.startswith(_ROUTED) or key in _ROUTED:
+            raise TypeError(
+                f"{owner} got an unexpected keyword argument {key!r}; besides its parameters it takes "
+                "optimizer__<name> (an argument of the optimizer class) and lr_schedule__<name> (of a torch "
+                "scheduler class)."
+            )
 
 
 def _check_batch_norm_batches(module: nn.Module, n_train: int, batch_size: int) -> None:
@@ -622,7 +680,7 @@ def _check_forward(module: nn.Module, x: torch.Tensor, n_classes: int) -> None:
 class HydraLabelCleaner(TransformerMixin, _HydraBase):
     """Find and remove mislabelled training samples with HYDRA.
 
-    ``fit`` trains a copy of a torch module with mini-batch SGD while
+    ``fit`` trains a copy of a torch module (SGD, Adam or AdamW) while
     recording its trajectory, follows the hypergradient of the parameters
     with respect to every training sample's weight through all steps, and
     scores each sample by its contribution to a trusted validation set's
@@ -679,25 +737,51 @@ class HydraLabelCleaner(TransformerMixin, _HydraBase):
         Validation samples drawn (with ``random_state``) as features for
         ``strategy="cluster"``.
     hessian : {"free", "exact"}, default="free"
-        ``"free"``: HYDRA's fast Hessian-free approximation, scored from
-        what the training steps kept (layer factors or weights, within
-        ``max_memory``); nothing of size ``N x n_params``. ``"exact"``: keeps the
-        Hessian term (Hessian-vector products); memory O(S n_params) and time
-        about S Hessian-vector products per step for S tracked samples.
-    exact_subset : array-like of int, default=None
-        With ``hessian="exact"``, the rows of ``X`` to track; the others get
-        NaN contributions and are never flagged. None tracks all.
+        ``"free"``: HYDRA's fast approximation, which drops the loss Hessian
+        from the hypergradient and keeps every derivative of the optimizer's
+        update; scored from what the training steps kept (layer factors or
+        gradients, within ``max_memory``), nothing of size ``N x n_params``.
+        ``"exact"``: keeps the Hessian term, for every sample, by one
+        reverse-mode sweep over the stored run: about one Hessian-vector
+        product per step and projected direction (one for
+        ``scoring="contribution"``, one per class for the class-resolved
+        scores).
     max_epochs : int, default=10
     batch_size : int, default=64
         The last batch of an epoch keeps the remainder.
-    lr : float, default=0.01
-        Base learning rate.
+    optimizer : {torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW}, default=torch.optim.SGD
+        The optimizer class; the training run is exactly its step
+        (:mod:`hydraclean.optimizers`). Its other arguments are set as
+        ``optimizer__<name>`` (skorch's convention), e.g.
+        ``optimizer__betas=(0.9, 0.99)``, ``optimizer__eps``,
+        ``optimizer__amsgrad``, ``optimizer__nesterov``,
+        ``optimizer__dampening``. Others are refused: the hypergradient
+        follows the update rule, and hydraclean has the rule of these three.
+    lr : float, default=None
+        Base learning rate, as torch means it for ``optimizer``. None: 0.01
+        for SGD, torch's default (1e-3) for Adam and AdamW.
     momentum : float in [0, 1), default=0.9
-    weight_decay : float, default=0.0
-        L2 penalty on every parameter, as ``torch.optim.SGD`` applies it.
-    lr_schedule : "constant" or callable, default="constant"
-        Callable ``schedule(epoch, step) -> factor`` multiplying ``lr``, e.g.
-        :class:`hydraclean.schedules.ExponentialDecay`.
+        SGD's momentum; only used when ``optimizer`` is SGD (Adam's
+        ``beta1`` is the first of ``optimizer__betas``).
+    weight_decay : float, default=None
+        As torch means it for ``optimizer``: L2 added to the gradient (SGD,
+        Adam), or decoupled, ``w *= 1 - lr * weight_decay`` (AdamW). None: 0
+        for SGD and Adam, torch's 1e-2 for AdamW.
+    lr_schedule : str, torch scheduler class or callable, default="constant"
+        ``"constant"``, ``"cosine"`` (annealed to 0 over the run, every
+        batch), a ``torch.optim.lr_scheduler`` class (or a
+        ``functools.partial`` of one) with its arguments as
+        ``lr_schedule__<name>``, a one-argument callable (``LambdaLR``'s
+        ``lr_lambda``), or a callable ``schedule(epoch, step) -> factor``
+        multiplying ``lr`` such as :class:`hydraclean.schedules.ExponentialDecay`.
+        The library supplies the run's length (``T_max``, ``total_steps``)
+        where the class needs it; every step's values, momentum or
+        ``beta1`` included (OneCycleLR), are resolved before training (see
+        the user guide's "Training recipes").
+    lr_schedule_interval : {"auto", "epoch", "batch"}, default="auto"
+        When a torch scheduler is stepped: after every epoch or every batch.
+        "auto": every batch for OneCycleLR, CyclicLR and ``"cosine"``, every
+        epoch otherwise, as torch's documentation does.
     criterion : torch.nn.Module, default=None
         Per-sample loss with ``reduction="none"``; cross-entropy when None.
     validation_fraction : float in (0, 1), default=0.1
@@ -742,24 +826,34 @@ class HydraLabelCleaner(TransformerMixin, _HydraBase):
         initialisation, the validation split, validation features and
         k-means. On CPU, equal seeds give bit-identical results.
     verbose : int, default=0
-        Progress bars (tqdm) over epochs when > 0.
+        Progress bars (tqdm) when > 0: one over the training steps and, where
+        scoring walks the run again, one over the scoring steps, with rate
+        and ETA.
+    **kwargs
+        ``optimizer__<name>`` and ``lr_schedule__<name>``: arguments of the
+        optimizer and scheduler classes, parameters of the estimator like
+        the others (``get_params``, ``set_params``, ``clone``, grid searches).
 
     Attributes
     ----------
-    contribution_ : ndarray of shape (n_samples,)
+    contribution_ : ndarray of shape (n_samples,) or None
         ``C(i) = -(1/N) <grad L_val(w_T), d w_T / d eps_i>``, one entry per
-        row of ``X``; NaN for validation rows and untracked rows.
-    class_contribution_ : ndarray of shape (n_samples, n_classes)
+        row of ``X``; NaN for validation rows. None when the score needs no
+        hypergradient (``scoring="trajectory_loss"`` or
+        ``"trajectory_margin"`` with a float ``drop_fraction``).
+    class_contribution_ : ndarray of shape (n_samples, n_classes) or None
         ``C(i, c) = -(1/N) <grad L_val^c(w_T), d w_T / d eps_i>``, with
         ``L_val^c`` the mean validation loss over class ``classes_[c]``; a
         class without validation samples has a NaN column. From the same
-        replay as ``contribution_``, which is its average weighted by the
-        validation class frequencies.
-    suggested_label_ : ndarray of shape (n_samples,)
+        projection as ``contribution_``, which is its average weighted by the
+        validation class frequencies. None when nothing in the fit needs it
+        (``scoring="contribution"`` or a trajectory score with a float
+        ``drop_fraction``): one direction instead of one per class.
+    suggested_label_ : ndarray of shape (n_samples,) or None
         ``classes_[argmin_c C(i, c)]``: the class whose validation loss the
         sample raises most, its likely true class when it is mislabelled
-        (for a correct one, the class it competes with most). Validation and
-        untracked rows keep their given label.
+        (for a correct one, the class it competes with most). Validation rows
+        keep their given label. None without ``class_contribution_``.
     trajectory_loss_ : ndarray of shape (n_samples,)
         Each sample's training loss averaged over the epochs, as the
         training steps computed it; NaN for validation rows.
@@ -770,7 +864,7 @@ class HydraLabelCleaner(TransformerMixin, _HydraBase):
         (``strategy="cluster"`` only).
     label_quality_ : ndarray of shape (n_samples,)
         The ``scoring`` score that the strategies rank by: higher = more
-        likely correctly labelled; NaN for validation and untracked rows.
+        likely correctly labelled; NaN for validation rows.
     label_issues_ : ndarray of shape (n_samples,), bool
         Flagged rows.
     support_ : ndarray of shape (n_samples,), bool

@@ -28,6 +28,7 @@ __all__ = [
     "directional_derivatives",
     "eval_separable",
     "flatten",
+    "hessian_and_loss_tangents",
     "hessian_vector_products",
     "is_sample_separable",
     "parameter_dict",
@@ -47,9 +48,9 @@ with warnings.catch_warnings():
     import torch._decomp.decompositions_for_jvp  # noqa: F401
 
 
-def parameter_dict(model: nn.Module) -> Params:
-    """The trainable parameters of ``model`` as a detached dict (no copy)."""
-    return {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
+def parameter_dict(model: nn.Module, detach: bool = True) -> Params:
+    """The trainable parameters of ``model`` as a dict, detached unless ``detach=False`` (no copy)."""
+    return {k: p.detach() if detach else p for k, p in model.named_parameters() if p.requires_grad}
 
 
 def flatten(tensors: Params, batch_dims: int = 0) -> torch.Tensor:
@@ -210,6 +211,47 @@ def hessian_vector_products(
         return flatten(out)
 
     return vmap(hvp, randomness="same", chunk_size=chunk_size)(vectors)
+
+
+def hessian_and_loss_tangents(
+    loss: PerSampleLoss,
+    params: Params,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    vectors: torch.Tensor,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``H v`` and ``<grad l_i, v>`` for each row ``v`` of ``vectors``, from one forward-over-reverse pass.
+
+    ``H`` is the Hessian of the batch's mean loss and ``l_i`` the loss of
+    sample ``i`` in the batch's forward pass (its batch statistics, its
+    dropout mask): the ``jvp`` of ``(grad mean loss, losses)`` along ``v``,
+    vectorised over the vectors with one shared dropout mask.
+
+    Parameters
+    ----------
+    vectors : Tensor of shape (K, n_params)
+    chunk_size : int, optional
+        Vectors per vectorised call, to bound memory.
+
+    Returns
+    -------
+    Hv : Tensor of shape (K, n_params)
+    D : Tensor of shape (K, b)
+        ``D[k, i] = <grad l_i, v_k>``.
+    """
+
+    def mean_and_losses(p: Params) -> tuple[torch.Tensor, torch.Tensor]:
+        losses = loss(p, x, y)
+        return losses.mean(), losses
+
+    gradient = grad(mean_and_losses, has_aux=True)
+
+    def tangents(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _, (hv, dl) = jvp(gradient, (params,), (unflatten(v, params),))
+        return flatten(hv), dl
+
+    return vmap(tangents, randomness="same", chunk_size=chunk_size)(vectors)
 
 
 def validation_gradients(

@@ -42,13 +42,18 @@ from torch import nn
 from torch.func import functional_call
 
 from .gradients import PerSampleLoss, directional_derivatives, parameter_dict
-from .training import Trajectory, autocast
+from .hypergradient import free_factors
+from .run_store import RunStore
+from .training import Step, Trajectory, autocast
 
 __all__ = [
     "FunctionalProjector",
+    "LayerCapture",
     "LayerFactorProjector",
+    "StepFactors",
     "TrainingFactors",
     "make_projector",
+    "probe_layers",
     "supports_layer_factors",
 ]
 
@@ -99,10 +104,15 @@ class FunctionalProjector:
         self.autocast = autocast
         self.out = directions.new_zeros(n_samples, directions.shape[0])
 
-    def add(self, model: nn.Module, idx: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor, weight: float) -> None:
-        """``out[idx] += weight * <V, grad l_i(w)>`` at the weights ``model`` holds."""
+    def add(self, params: dict[str, torch.Tensor], idx: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor,
+            weight: float, directions: torch.Tensor | None = None) -> None:
+        """``out[idx] += weight * <V, grad l_i(w)>`` at the weights ``params``.
+
+        ``directions`` (K, n_params), when given, replace the projector's own for this step.
+        """
+        directions = self.directions if directions is None else directions
         with autocast(xb.device, self.autocast):
-            d = directional_derivatives(self.loss, parameter_dict(model), xb, yb, self.directions)
+            d = directional_derivatives(self.loss, params, xb, yb, directions)
         self.out.index_add_(0, idx, d.to(self.out.dtype), alpha=weight)
 
     def result(self) -> torch.Tensor:
@@ -223,14 +233,15 @@ class LayerFactorProjector:
                     parts.setdefault(m, []).append((a, delta))
         return {m: (torch.cat([a for a, _ in v]), torch.cat([d for _, d in v])) for m, v in parts.items()}
 
-    def add(self, model: nn.Module, idx: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor, weight: float) -> None:
-        """``out[idx] += weight * <V, grad l_i(w)>`` at the weights ``model`` holds."""
+    def add(self, params: dict[str, torch.Tensor], idx: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor,
+            weight: float) -> None:
+        """``out[idx] += weight * <V, grad l_i(w)>`` at the weights ``params``."""
         if self.fallback is None:
-            factors = self._factors(self.module, parameter_dict(model), xb, yb, self.autocast)
+            factors = self._factors(self.module, params, xb, yb, self.autocast)
             if factors is None:  # a layer ran twice (shared weights): per-sample products are not rank one
                 self.fallback = FunctionalProjector(*self._fallback_args)
         if self.fallback is not None:
-            self.fallback.add(model, idx, xb, yb, weight)
+            self.fallback.add(params, idx, xb, yb, weight)
             return
         d = xb.new_zeros(xb.shape[0], self.out.shape[1], dtype=self.out.dtype)
         conv_grads = []
@@ -274,12 +285,99 @@ class LayerFactorProjector:
         return self.out
 
 
-class TrainingFactors:
-    """Layer factors kept from the training run's own steps: scoring then needs no second pass.
+def probe_layers(module: nn.Module, x_probe: torch.Tensor, data: torch.Tensor | None) -> dict[int, tuple] | None:
+    """The kind and size of every trainable layer's factors, from one eval-mode pass over a few inputs.
 
-    The training step's forward and backward already compute every layer's
-    input ``a_i`` and the gradient of the batch's mean loss with respect to
-    its output, ``delta_i / b_t``. Hooks on the training model keep them:
+    Returns None when the model cannot be served by layer factors: a layer
+    that is not Linear or plain Conv2d (:func:`supports_layer_factors`), that
+    runs other than once, or a Linear layer whose input is not 2-D. Otherwise
+    ``{layer position: ("linear", in, out) | ("conv", p_layer) | ("input_conv",
+    p_layer, one sample's output shape)}``, the last for a convolution that
+    reads the module's input itself, unchanged, when ``data`` (the training
+    inputs as one tensor) is given.
+    """
+    if not supports_layer_factors(module):
+        return None
+    probe = copy.deepcopy(module).eval()
+    layers = _trainable_layers(probe)
+    seen: dict[int, list] = {}
+    handles = [m.register_forward_hook(functools.partial(_note_input, seen, k, x_probe, x_probe.clone()))
+               for k, m in enumerate(layers)]
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        probe(x_probe)
+    for h in handles:
+        h.remove()
+    shapes = {}
+    for k, m in enumerate(layers):
+        if len(seen.get(k, ())) != 1:
+            return None
+        dim, reads_inputs, out_shape = seen[k][0]
+        if isinstance(m, nn.Linear):
+            if dim != 2:
+                return None
+            shapes[k] = ("linear", m.in_features, m.out_features)
+        else:
+            p = sum(p.numel() for p in m.parameters(recurse=False) if p.requires_grad)
+            shapes[k] = ("input_conv", p, out_shape) if reads_inputs and data is not None else ("conv", p)
+    return shapes
+
+
+class LayerCapture:
+    """Hooks on the training model that catch every trainable layer's input and output gradient in a step.
+
+    The training step's forward and backward already compute both: the
+    layer's input ``a_i`` and the gradient of the batch's mean loss with
+    respect to its output, ``delta_i / b_t`` (a pre-hook on the node that made
+    the output receives it as computed, whatever later in-place operations do
+    to the output). Evaluation passes between epochs are ignored.
+    """
+
+    def __init__(self) -> None:
+        self.layers: list[nn.Module] = []
+        self._handles: list = []
+        self._captured: dict[int, list] = {}
+        self._model_input: tuple = (None, 0)  # the step's batch as the module received it, and its version
+
+    def attach(self, model: nn.Module) -> None:
+        self._handles.append(model.register_forward_pre_hook(self._note_model_input))
+        self.layers = _trainable_layers(model)
+        for k, m in enumerate(self.layers):
+            self._handles.append(m.register_forward_hook(functools.partial(self._capture, k)))
+
+    def _note_model_input(self, model: nn.Module, inputs: tuple) -> None:
+        self._model_input = (inputs[0], inputs[0]._version)
+
+    def _capture(self, k: int, m: nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor | None:
+        if not out.requires_grad:  # an evaluation pass between epochs, not a training step
+            return None
+        x = inputs[0]
+        # the layer read the step's batch itself, unchanged (no in-place op since: same version)
+        reads_batch = x is self._model_input[0] and x._version == self._model_input[1]
+        entry = [x.detach(), None, reads_batch]
+        out.grad_fn.register_prehook(functools.partial(_set_output_gradient, entry, out.output_nr))
+        self._captured[k] = entry
+        return None
+
+    def take(self) -> dict[int, list]:
+        """``{layer position: [input, gradient of the batch's mean loss at the output, reads the batch]}``."""
+        captured, self._captured = self._captured, {}
+        return captured
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._model_input = (None, 0)
+
+
+class TrainingFactors:
+    """Layer factors summed over the training run's own steps, for a linear rule (SGD): no second pass.
+
+    Under SGD, the Hessian-free hypergradient is
+    ``nabla_{T,i} = sum_t c_t (N / b_t) grad l_i(w_{t-1})`` with scalars
+    ``c_t`` known before training (:func:`hydraclean.hypergradient.step_weights`),
+    so what each step computes can be weighted as it goes
+    (:class:`LayerCapture` catches it):
 
     - Conv2d: the per-sample gradients are formed at once and summed with the
       step's coefficient into each sample's hypergradient restricted to the
@@ -288,14 +386,15 @@ class TrainingFactors:
       in every epoch): its input ``x_i`` does not change over the run, so
       ``sum_t delta_{i,t} x_i'`` is ``(sum_t delta_{i,t}) x_i'``: the output
       gradients are summed (N x out_channels x positions, when that fits in
-      ``max_memory``) and the per-sample gradients formed once, at the end.
-      A step whose layer input is not the batch itself, unchanged (a module
-      that transforms its input in training mode), takes the route above;
+      ``max_memory``) and the per-sample gradients formed once, at the end
+      (:meth:`finish`). A step whose layer input is not the batch itself,
+      unchanged (a module that transforms its input in training mode), takes
+      the route above;
     - Linear (2-D inputs): ``a_i`` and ``c_t (N / b_t) delta_i`` of every sample
       and step, ``n_epochs N (in + out)`` values.
 
     :meth:`project` then gives ``<V_k, nabla_{T,i}>`` for any directions from
-    these alone. Build with :meth:`plan`; pass as ``store`` to
+    these alone. Build with :meth:`plan`; pass as the ``recorder`` of
     :func:`hydraclean.training.train`.
 
     Attributes
@@ -304,9 +403,11 @@ class TrainingFactors:
         Memory held.
     """
 
-    def __init__(self, shapes: dict[int, tuple], trajectory: Trajectory, coefficients: np.ndarray,
-                 dtype: torch.dtype, device: torch.device, data: torch.Tensor | None = None) -> None:
+    def __init__(self, module: nn.Module, criterion: nn.Module, shapes: dict[int, tuple], trajectory: Trajectory,
+                 coefficients: np.ndarray, dtype: torch.dtype, device: torch.device,
+                 data: torch.Tensor | None = None) -> None:
         # layer position -> ("linear", in, out), ("conv", p_layer) or ("input_conv", p_layer, output shape)
+        self.module, self.criterion, self.autocast = module, criterion, trajectory.autocast
         self.shapes = shapes
         self.data = data
         self.coefficients = coefficients
@@ -314,6 +415,7 @@ class TrainingFactors:
         self.batch_sizes = _local_sizes(trajectory)  # this rank's share of each batch in a data-parallel run
         self.starts = np.concatenate([[0], np.cumsum(self.batch_sizes)[:-1]])
         n, rows = trajectory.n_samples, int(self.batch_sizes.sum())
+        self.n_samples = n
         convs = [k for k, v in shapes.items() if v[0] != "linear"]
         p_conv = sum(shapes[k][1] for k in convs)
         bounds = np.cumsum([0] + [shapes[k][1] for k in convs])
@@ -327,53 +429,24 @@ class TrainingFactors:
                        for k, v in shapes.items() if v[0] == "linear"}
         self.index = torch.empty(rows, dtype=torch.long, device=device)
         self.nbytes = self.footprint(shapes, trajectory, torch.empty(0, dtype=dtype).element_size())
-        self._handles: list = []
-        self._layers: list[nn.Module] = []
-        self._captured: dict[int, list] = {}
-        self._model_input: tuple = (None, 0)  # the step's batch as the module received it, and its version
+        self.capture = LayerCapture()
 
     @classmethod
-    def plan(cls, module: nn.Module, x_probe: torch.Tensor, trajectory: Trajectory, coefficients: np.ndarray,
-             max_memory: int, data: torch.Tensor | None = None) -> TrainingFactors | None:
-        """The recorder for ``module`` when it applies and fits in ``max_memory``, else None.
-
-        ``x_probe`` (a couple of training inputs) goes through a copy of the
-        module once to check that every layer runs once with 2-D inputs to
-        its Linear layers, and to size the buffers. ``data``, the training
-        inputs when they are one tensor (not a Dataset, whose items may be
-        augmented anew every epoch), lets the convolutions that read them
-        directly sum their output gradients instead (see above), where that
-        fits in ``max_memory``.
-        """
-        if not supports_layer_factors(module):
+    def plan(cls, module: nn.Module, criterion: nn.Module, x_probe: torch.Tensor, trajectory: Trajectory,
+             coefficients: np.ndarray, max_memory: int, data: torch.Tensor | None = None) -> TrainingFactors | None:
+        """The recorder for ``module`` when layer factors serve it (:func:`probe_layers`) and fit in
+        ``max_memory``, else None. ``data``, the training inputs when they are one tensor (not a Dataset,
+        whose items may be augmented anew every epoch), lets the convolutions that read them sum their
+        output gradients instead (see above), where that fits."""
+        shapes = probe_layers(module, x_probe, data)
+        if shapes is None:
             return None
-        probe = copy.deepcopy(module).eval()
-        layers = _trainable_layers(probe)
-        seen: dict[int, list] = {}
-        handles = [m.register_forward_hook(functools.partial(_note_input, seen, k, x_probe, x_probe.clone()))
-                   for k, m in enumerate(layers)]
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            probe(x_probe)
-        for h in handles:
-            h.remove()
-        shapes = {}
-        for k, m in enumerate(layers):
-            if len(seen.get(k, ())) != 1:
-                return None
-            dim, reads_inputs, out_shape = seen[k][0]
-            if isinstance(m, nn.Linear):
-                if dim != 2:
-                    return None
-                shapes[k] = ("linear", m.in_features, m.out_features)
-            else:
-                p = sum(p.numel() for p in m.parameters(recurse=False) if p.requires_grad)
-                shapes[k] = ("input_conv", p, out_shape) if reads_inputs and data is not None else ("conv", p)
         ref = next(p for p in module.parameters() if p.requires_grad)
         if cls.footprint(shapes, trajectory, ref.element_size()) > max_memory:  # per-step gradients instead
             shapes = {k: ("conv", v[1]) if v[0] == "input_conv" else v for k, v in shapes.items()}
         if cls.footprint(shapes, trajectory, ref.element_size()) > max_memory:
             return None
-        return cls(shapes, trajectory, coefficients, ref.dtype, ref.device, data)
+        return cls(module, criterion, shapes, trajectory, coefficients, ref.dtype, ref.device, data)
 
     @staticmethod
     def footprint(shapes: dict[int, tuple], trajectory: Trajectory, itemsize: int) -> int:
@@ -384,57 +457,35 @@ class TrainingFactors:
         values += sum(n * int(np.prod(v[2])) for v in shapes.values() if v[0] == "input_conv")
         return values * itemsize + rows * torch.empty(0, dtype=torch.long).element_size()
 
-    def before_step(self, t: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Hook the training model and its layers (at the first step)."""
-        if not self._handles:
-            self._handles.append(model.register_forward_pre_hook(self._note_model_input))
-            self._layers = _trainable_layers(model)
-            for k, m in enumerate(self._layers):
-                self._handles.append(m.register_forward_hook(functools.partial(self._capture, k)))
+    def attach(self, model: nn.Module) -> None:
+        """Hook the training model's layers."""
+        self.capture.attach(model)
 
-    def _note_model_input(self, model: nn.Module, inputs: tuple) -> None:
-        self._model_input = (inputs[0], inputs[0]._version)
-
-    def _capture(self, k: int, m: nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor | None:
-        if not out.requires_grad:  # an evaluation pass between epochs, not a training step
-            return None
-        x = inputs[0]
-        # the layer read the step's batch itself, unchanged (no in-place op since: same version)
-        reads_batch = x is self._model_input[0] and x._version == self._model_input[1]
-        entry = [x.detach(), None, reads_batch]
-        # a pre-hook on the node that made ``out`` receives d loss / d out as computed,
-        # whatever later in-place ops do to ``out``, so the output needs no clone
-        out.grad_fn.register_prehook(functools.partial(_set_output_gradient, entry, out.output_nr))
-        self._captured[k] = entry
-        return None
-
-    def after_step(self, t: int, idx: torch.Tensor) -> None:
+    def record(self, step: Step) -> None:
         """Keep the step's factors: the gradients of its mean loss times ``b_t c_t N / b_t``."""
+        t, idx = step.t, step.idx
         b, start = int(self.batch_sizes[t]), int(self.starts[t])
         # c_t (N / b_t) times b_t: the gradient of the (global) batch's mean loss is delta / b_t
         weight = float(self.coefficients[t]) * float(self.global_sizes[t])
+        captured = self.capture.take()
         for k, (kind, *_) in self.shapes.items():
-            a, g, reads_batch = self._captured[k]
+            a, g, reads_batch = captured[k]
             if kind == "input_conv" and reads_batch:  # per-sample gradients at the end, from the summed outputs
                 self.output_sums[k].index_add_(0, idx, g.to(self.conv_sum.dtype), alpha=weight)
             elif kind != "linear":  # in the buffer's dtype, also under autocast
                 dtype = self.conv_sum.dtype
                 self.conv_sum[:, self.conv_columns[k]].index_add_(
-                    0, idx, _conv_sample_gradients(self._layers[k], a.to(dtype), g.to(dtype)), alpha=weight)
+                    0, idx, _conv_sample_gradients(self.capture.layers[k], a.to(dtype), g.to(dtype)), alpha=weight)
             else:
                 self.inputs[k][start : start + b] = a
                 delta = self.deltas[k][start : start + b]
                 delta.copy_(g)  # cast first: under autocast the product must not round to g's dtype
                 delta.mul_(weight)
         self.index[start : start + b] = idx
-        self._captured = {}
 
     def detach(self) -> None:
         """Remove the hooks from the training model."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        self._model_input = (None, 0)
+        self.capture.detach()
 
     def finish(self) -> None:
         """After the run: the input convolutions' per-sample gradients from their summed output gradients,
@@ -443,24 +494,168 @@ class TrainingFactors:
             for start in range(0, sums.shape[0], 128):  # a chunk's unfolded inputs stay in cache (LeNet-5: 10 MB)
                 rows = slice(start, start + 128)
                 self.conv_sum[rows, self.conv_columns[k]] += _conv_sample_gradients(
-                    self._layers[k], self.data[rows].to(sums.dtype), sums[rows])
+                    self.capture.layers[k], self.data[rows].to(sums.dtype), sums[rows])
         self.output_sums = {}
 
-    def project(self, projector: LayerFactorProjector, chunk: int = 8192) -> torch.Tensor:
-        """``P[i, k] = <V_k, nabla_{T,i}>`` for the projector's directions, shape (N, K) (after :meth:`finish`)."""
+    def project(self, directions: torch.Tensor, rows: tuple[nn.Module, torch.Tensor, torch.Tensor] | None = None,
+                progress=None, chunk: int = 8192) -> torch.Tensor:
+        """``P[i, k] = <V_k, nabla_{T,i}>``, shape (N, K) (after :meth:`finish`); ``rows`` as in
+        :class:`LayerFactorProjector` (ghost products). No walk over the run: ``progress`` is not used."""
         if self.output_sums:
             raise RuntimeError("TrainingFactors.project needs finish() first.")
+        projector = LayerFactorProjector(self.module, self.criterion, directions, self.n_samples, rows,
+                                         autocast=self.autocast)
         out = projector.out  # zeros: the projector has seen no step
         linear = [(k, projector.layers[k]) for k, v in self.shapes.items() if v[0] == "linear"]
         for start in range(0, self.index.shape[0], chunk):
-            rows = slice(start, start + chunk)
-            d = out.new_zeros(self.index[rows].shape[0], out.shape[1])
+            part = slice(start, start + chunk)
+            d = out.new_zeros(self.index[part].shape[0], out.shape[1])
             for k, m in linear:
-                projector.add_linear(m, self.inputs[k][rows], self.deltas[k][rows], d)
-            out.index_add_(0, self.index[rows], d)
+                projector.add_linear(m, self.inputs[k][part], self.deltas[k][part], d)
+            out.index_add_(0, self.index[part], d)
         if self.conv_sum is not None:
             out += self.conv_sum @ projector.conv_directions.T
         return out
+
+    def close(self) -> None:
+        """Free the buffers."""
+        self.conv_sum = self.inputs = self.deltas = self.index = None
+
+
+class StepFactors:
+    """Layer factors kept per step, for an elementwise rule (Adam, AdamW): no second pass over the model.
+
+    Under such a rule the Hessian-free adjoint of step ``t``'s gradient is
+    ``V * d_t``, with a factor vector ``d_t`` known only once the run is over
+    (:func:`hydraclean.hypergradient.free_factors`, a backward sweep of the
+    update rule over the stored gradients). So each step's factors are kept
+    as they are (:class:`LayerCapture`): a Linear layer's ``a_i`` and
+    ``delta_i``, a convolution's per-sample gradients; the run's gradients go
+    to a :class:`hydraclean.run_store.RunStore`. :meth:`project` sweeps back
+    over the run once and, at every step, adds
+    ``(N / b_t) <V_k * d_t, grad l_i(w_{t-1})>`` from the kept factors: per
+    Linear layer ``delta_i' (V_k * D_t) a_i``, per convolution the per-sample
+    gradients times ``d_t``, summed over the run and projected once.
+
+    Build with :meth:`plan`; pass as the ``recorder`` of
+    :func:`hydraclean.training.train`.
+    """
+
+    def __init__(self, module: nn.Module, criterion: nn.Module, shapes: dict[int, tuple], trajectory: Trajectory,
+                 store: RunStore, dtype: torch.dtype, device: torch.device) -> None:
+        self.module, self.criterion, self.trajectory, self.store = module, criterion, trajectory, store
+        self.shapes = shapes
+        self.batch_sizes = _local_sizes(trajectory)
+        self.starts = np.concatenate([[0], np.cumsum(self.batch_sizes)[:-1]])
+        rows = int(self.batch_sizes.sum())
+        self.p_conv = sum(v[1] for v in shapes.values() if v[0] == "conv")
+        self.inputs = {k: torch.empty(rows, v[1], dtype=dtype, device=device)
+                       for k, v in shapes.items() if v[0] == "linear"}
+        self.deltas = {k: torch.empty(rows, v[2], dtype=dtype, device=device)
+                       for k, v in shapes.items() if v[0] == "linear"}
+        self.conv_grads = torch.empty(rows, self.p_conv, dtype=dtype, device=device) if self.p_conv else None
+        self.index = torch.empty(rows, dtype=torch.long, device=device)
+        self.nbytes = self.footprint(shapes, trajectory, torch.empty(0, dtype=dtype).element_size()) + store.nbytes
+        self.capture = LayerCapture()
+
+    @classmethod
+    def plan(cls, module: nn.Module, criterion: nn.Module, x_probe: torch.Tensor, trajectory: Trajectory,
+             max_memory: int) -> StepFactors | None:
+        """The recorder when layer factors serve ``module`` and they and every step's gradient fit in
+        ``max_memory``, else None."""
+        shapes = probe_layers(module, x_probe, None)
+        if shapes is None:
+            return None
+        params = [p for p in module.parameters() if p.requires_grad]
+        ref, n_params = params[0], sum(p.numel() for p in params)
+        budget = max_memory - cls.footprint(shapes, trajectory, ref.element_size())
+        if RunStore.memory_footprint(trajectory, n_params, ref.dtype, reverse=True) > budget:
+            return None
+        store = RunStore(trajectory, n_params, ref.dtype, ref.device, budget, reverse=True)
+        return cls(module, criterion, shapes, trajectory, store, ref.dtype, ref.device)
+
+    @staticmethod
+    def footprint(shapes: dict[int, tuple], trajectory: Trajectory, itemsize: int) -> int:
+        """Bytes of the kept factors: (in + out) values per Linear layer and p_conv per sample and step, an
+        index, and the N x p_conv sum of the convolutions' terms that :meth:`project` forms."""
+        rows, n = int(_local_sizes(trajectory).sum()), trajectory.n_samples
+        values = sum(rows * (v[1] + v[2]) if v[0] == "linear" else (rows + n) * v[1] for v in shapes.values())
+        return values * itemsize + rows * torch.empty(0, dtype=torch.long).element_size()
+
+    def attach(self, model: nn.Module) -> None:
+        self.capture.attach(model)
+
+    def record(self, step: Step) -> None:
+        """Keep the step's factors (output gradients times ``b_t``: each sample's own) and its gradient."""
+        t = step.t
+        b, start = int(self.batch_sizes[t]), int(self.starts[t])
+        scale = float(self.trajectory.batch_size_at(t))
+        captured = self.capture.take()
+        column = 0
+        for k, (kind, *sizes) in self.shapes.items():
+            a, g, _ = captured[k]
+            if kind == "linear":
+                self.inputs[k][start : start + b] = a
+                delta = self.deltas[k][start : start + b]
+                delta.copy_(g)
+                delta.mul_(scale)
+            else:
+                dtype = self.conv_grads.dtype
+                self.conv_grads[start : start + b, column : column + sizes[0]] = _conv_sample_gradients(
+                    self.capture.layers[k], a.to(dtype), g.to(dtype) * scale)
+                column += sizes[0]
+        self.index[start : start + b] = step.idx
+        self.store.record(step)
+
+    def detach(self) -> None:
+        self.capture.detach()
+
+    def finish(self) -> None:
+        """Nothing to complete after training."""
+
+    def project(self, directions: torch.Tensor, rows: tuple | None = None, progress=None) -> torch.Tensor:
+        """``P[i, k] = <V_k, nabla_{T,i}>`` for every sample, shape (N, K): one backward sweep over the run.
+
+        ``rows`` (ghost products) do not apply: the per-step factors ``d_t``
+        break their rank-one shape, so every direction is dense here.
+        """
+        traj = self.trajectory
+        n = traj.n_samples
+        projector = LayerFactorProjector(self.module, self.criterion, directions, n)
+        out = projector.out
+        columns = projector.columns
+        linear = [(k, projector.layers[k]) for k, v in self.shapes.items() if v[0] == "linear"]
+        conv_cols = torch.cat([torch.arange(a, b, device=directions.device)
+                               for k, v in self.shapes.items() if v[0] == "conv"
+                               for a, b in columns[projector.layers[k]]]) if self.p_conv else None
+        conv_sum = directions.new_zeros(n, self.p_conv) if self.p_conv else None
+        steps = self.store.walk(reverse=True)
+        if progress is not None:
+            steps = iter(progress(steps, "scoring", traj.n_steps))
+        for step, d in free_factors(traj, steps):
+            t = step.t
+            part = slice(int(self.starts[t]), int(self.starts[t] + self.batch_sizes[t]))
+            weight = n / traj.batch_size_at(t)
+            idx = self.index[part]
+            products = out.new_zeros(idx.shape[0], out.shape[1])
+            for k, m in linear:
+                (w0, w1), *bias = columns[m]
+                block = (directions[:, w0:w1] * d[w0:w1]).reshape(-1, m.in_features)
+                z = (self.inputs[k][part] @ block.T).reshape(idx.shape[0], -1, m.out_features)
+                products += torch.einsum("bo,bko->bk", self.deltas[k][part], z)
+                if bias:
+                    b0, b1 = bias[0]
+                    products += self.deltas[k][part] @ (directions[:, b0:b1] * d[b0:b1]).T
+            out.index_add_(0, idx, products, alpha=weight)
+            if conv_sum is not None:
+                conv_sum.index_add_(0, idx, self.conv_grads[part] * d[conv_cols], alpha=weight)
+        if conv_sum is not None:
+            out += conv_sum @ directions[:, conv_cols].T
+        return out
+
+    def close(self) -> None:
+        self.inputs = self.deltas = self.conv_grads = self.index = None
+        self.store.close()
 
 
 def _local_sizes(trajectory: Trajectory) -> np.ndarray:
@@ -478,7 +673,7 @@ def _capture_output(captured: dict, k: int, m: nn.Module, inputs: tuple, out: to
 
 def _note_input(seen: dict, k: int, x_probe: torch.Tensor, x_values: torch.Tensor, m: nn.Module, inputs: tuple,
                 out: torch.Tensor) -> None:
-    """Probe hook of :meth:`TrainingFactors.plan`: the input's dimensions, whether it is the module's own
+    """Probe hook of :func:`probe_layers`: the input's dimensions, whether it is the module's own
     input, unchanged, and the shape of one sample's output."""
     x = inputs[0]
     reads_inputs = x is x_probe and torch.equal(x, x_values)

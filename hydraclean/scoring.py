@@ -10,8 +10,10 @@ keywords (it ignores those it does not use)::
 ``C(i, c)`` (n_samples, n_classes), ``y`` the observed labels as class codes
 ``0..n_classes-1``, and ``L`` and ``P`` each sample's training loss and
 softmax output averaged over the epochs, as the training steps computed them
-(the trajectory trace). Rows that were not scored (NaN in ``C``) get NaN; NaN
-columns of ``R`` (classes without validation samples) are skipped.
+(the trajectory trace). Rows that were not scored (NaN in ``C`` or ``R``) get
+NaN; NaN columns of ``R`` (classes without validation samples) are skipped.
+Each score's ``needs`` names what it reads, so that a fit computes only that:
+a score that needs no hypergradient costs none.
 
 ``docs/benchmarks.md`` ("Choosing the default score") compares these and the
 variants that did not earn a place, on every benchmark setting.
@@ -68,16 +70,30 @@ def robust_z(x: np.ndarray) -> np.ndarray:
     return (x - med) / scale if scale > 0 else np.where(np.isnan(x), np.nan, 0.0)
 
 
+def needs(*inputs: str):
+    """Mark a score with the fit's results it reads: ``"contribution"`` and ``"class_contribution"`` cost a
+    hypergradient, ``"trajectory"`` (the training run's record of each sample) does not."""
+
+    def mark(score):
+        score.needs = frozenset(inputs)
+        return score
+
+    return mark
+
+
+@needs("contribution")
 def contribution(*, contribution: np.ndarray, **_) -> np.ndarray:
     """The paper's ``C(i)``: the sample's contribution to the mean validation loss."""
     return np.asarray(contribution, dtype=np.float64)
 
 
+@needs("class_contribution")
 def class_min(*, class_contribution: np.ndarray, **_) -> np.ndarray:
     """``min_c C(i, c)``: the contribution to the class the sample hurts most."""
     return _quiet(np.nanmin, np.asarray(class_contribution, dtype=np.float64), axis=1)
 
 
+@needs("class_contribution")
 def class_harm(*, class_contribution: np.ndarray, **_) -> np.ndarray:
     """``min_c C(i, c) / s_c``, with ``s_c`` the standard deviation of ``C(., c)`` over the samples.
 
@@ -90,20 +106,18 @@ def class_harm(*, class_contribution: np.ndarray, **_) -> np.ndarray:
     return _quiet(np.nanmin, R / np.where(spread > 0, spread, np.nan), axis=1)
 
 
-def _scored_only(values: np.ndarray, contribution: np.ndarray) -> np.ndarray:
-    return np.where(np.isnan(np.asarray(contribution, dtype=np.float64)), np.nan, values)
-
-
-def trajectory_loss(*, trajectory_loss: np.ndarray, contribution: np.ndarray, **_) -> np.ndarray:
+@needs("trajectory")
+def trajectory_loss(*, trajectory_loss: np.ndarray, **_) -> np.ndarray:
     """Minus the sample's training loss averaged over the run (no hypergradient).
 
     A mislabelled sample is fitted late, if at all, so its loss stays high
     for much of the run even when the final model has memorised it.
     """
-    return _scored_only(-np.asarray(trajectory_loss, dtype=np.float64), contribution)
+    return -np.asarray(trajectory_loss, dtype=np.float64)
 
 
-def trajectory_margin(*, trajectory_proba: np.ndarray, labels: np.ndarray, contribution: np.ndarray, **_) -> np.ndarray:
+@needs("trajectory")
+def trajectory_margin(*, trajectory_proba: np.ndarray, labels: np.ndarray, **_) -> np.ndarray:
     """Averaged over the run, the probability of the observed label minus the largest other one.
 
     No hypergradient: the softmax outputs that the training steps computed,
@@ -117,9 +131,10 @@ def trajectory_margin(*, trajectory_proba: np.ndarray, labels: np.ndarray, contr
     own = P[rows, labels]
     others = P.copy()
     others[rows, labels] = -np.inf
-    return _scored_only(own - others.max(axis=1), contribution)
+    return own - others.max(axis=1)
 
 
+@needs("class_contribution", "trajectory")
 def combined(**arrays) -> np.ndarray:
     """``robust_z(class_harm) + robust_z(trajectory_loss) + robust_z(trajectory_margin)``.
 
@@ -127,9 +142,12 @@ def combined(**arrays) -> np.ndarray:
     trajectory, to the validation class it hurts most) and how the model
     treated the sample along the way (its training loss and margin over the
     run), each put on a common scale by :func:`robust_z` over the scored
-    samples and added with equal weight. The default of ``scoring``.
+    samples (those with every part) and added with equal weight. The default
+    of ``scoring``.
     """
-    return sum(robust_z(score(**arrays)) for score in (class_harm, trajectory_loss, trajectory_margin))
+    parts = [score(**arrays) for score in (class_harm, trajectory_loss, trajectory_margin)]
+    scored = np.logical_and.reduce([np.isfinite(p) for p in parts])
+    return sum(robust_z(np.where(scored, p, np.nan)) for p in parts)
 
 
 SCORES = {

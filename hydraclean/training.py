@@ -1,18 +1,19 @@
-"""Mini-batch SGD that records its own trajectory, and replays it.
+"""Mini-batch training that records its own trajectory, and replays it.
 
-One loop, :func:`run_sgd`, serves both the training run and every later replay.
-Replaying the same :class:`Trajectory` (initial weights, batch order, per-step
-learning rate and per-step random seed) through the same code visits the same
-weights ``w_0 .. w_T``: bit-identical on CPU. Each step's forward pass runs
-under its own seed inside :func:`step_rng`, so dropout masks can be drawn again
-by any later computation that needs "the gradient as computed in that step".
+One loop, :func:`run_training`, serves the training run and every later
+replay. The optimizer's step is the pure update rule of
+:mod:`hydraclean.optimizers` applied to the flat trainable parameters, so the
+training run, its replays and the hypergradient all use one function::
 
-The update is exactly ``torch.optim.SGD`` (dampening 0, no Nesterov), with
-weight decay on every parameter::
+    (w_t, s_t) = U_t(w_{t-1}, s_{t-1}, g_t),   g_t = mean_{i in B_t} grad l_i(w_{t-1})
 
-    g_t = mean_{i in B_t} grad l_i(w_{t-1}) + lam * w_{t-1}
-    v_t = p * v_{t-1} + g_t
-    w_t = w_{t-1} - eta_t * v_t
+Replaying the same :class:`Trajectory` (initial weights, batch order,
+per-step hyperparameters and per-step random seed) through the same code
+visits the same weights ``w_0 .. w_T``: bit-identical on CPU. Each step's
+forward pass runs under its own seed inside :func:`step_rng`, so dropout masks
+can be drawn again by any later computation that needs "the gradient as
+computed in that step". What scoring keeps from the run is a
+:class:`Recorder`'s business: the loop hands it every :class:`Step`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -30,35 +31,28 @@ from torch import nn
 
 from .batches import Inputs, step_inputs
 from .distributed import Shard
-from .schedules import Schedule, learning_rates
+from .gradients import flatten, parameter_dict
+from .optimizers import State, UpdateRule, make_rule
+from .schedules import resolve_schedule
 
 __all__ = [
+    "Recorder",
     "SampleTrace",
+    "Step",
     "Trajectory",
+    "advance",
     "autocast",
     "evaluate_model",
     "learning_shortfall",
-    "make_optimizer",
     "plan_trajectory",
     "replay",
-    "run_sgd",
-    "sgd_step",
+    "run_training",
     "step_rng",
     "train",
 ]
 
-# on_step(model, t, indices, xb, yb) sees the weights w_{t-1} in the model before step t.
-StepCallback = Callable[[nn.Module, int, torch.Tensor, torch.Tensor, torch.Tensor], None]
-# progress(iterable, desc) -> iterable, e.g. a tqdm bar.
-Progress = Callable[[Iterable, str], Iterable]
-
-
-class Recorder(Protocol):
-    """Keeps what scoring needs from the training run (weights, or layer factors)."""
-
-    def before_step(self, t: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None: ...
-
-    def after_step(self, t: int, idx: torch.Tensor) -> None: ...
+# progress(iterable, desc, total) -> iterable: a bar over the steps, e.g. tqdm's (it touches no tensor).
+Progress = Callable[[Iterable, str, int], Iterable]
 
 
 @dataclass
@@ -71,12 +65,15 @@ class Trajectory:
         The sample order of each epoch; step ``t`` of an epoch takes the next
         ``batch_size`` entries (the last batch may be smaller).
     batch_size : int
-    lrs : ndarray of shape (n_steps,), float64
-        Learning rate ``eta_t`` of each step.
     seeds : ndarray of shape (n_steps,), int64
         Seed of each step's forward pass (dropout masks).
-    momentum : float
-    weight_decay : float
+    rule : UpdateRule
+        The optimizer's step (:mod:`hydraclean.optimizers`), with its fixed
+        hyperparameters (weight decay, betas[1], ...).
+    hyper : dict of str to ndarray of shape (n_steps,), float64
+        The scheduled hyperparameters of every step, keyed by
+        ``rule.scheduled``: ``"lr"`` and ``"momentum"`` (SGD) or ``"beta1"``
+        (Adam, AdamW).
     initial_state : dict of str to Tensor
         ``state_dict`` of the module at ``w_0`` (on CPU), set by :func:`train`.
     autocast : torch.dtype or None
@@ -89,10 +86,9 @@ class Trajectory:
 
     order: np.ndarray
     batch_size: int
-    lrs: np.ndarray
     seeds: np.ndarray
-    momentum: float
-    weight_decay: float
+    rule: UpdateRule
+    hyper: dict[str, np.ndarray]
     initial_state: dict[str, torch.Tensor] = field(default_factory=dict)
     autocast: torch.dtype | None = None
     shard: Shard | None = None
@@ -103,12 +99,24 @@ class Trajectory:
 
     @property
     def n_steps(self) -> int:
-        return int(self.lrs.shape[0])
+        return int(self.seeds.shape[0])
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-self.n_samples // self.batch_size)
+
+    @property
+    def lrs(self) -> np.ndarray:
+        """``eta_t`` of every step, shape (n_steps,)."""
+        return self.hyper["lr"]
+
+    def hyper_at(self, t: int) -> dict[str, float]:
+        """The scheduled hyperparameters of step ``t`` (0-based)."""
+        return {k: float(v[t]) for k, v in self.hyper.items()}
 
     def batch_size_at(self, t: int) -> int:
         """``b_t``, the global batch size of step ``t``."""
-        per_epoch = -(-self.n_samples // self.batch_size)
-        return min(self.batch_size, self.n_samples - (t % per_epoch) * self.batch_size)
+        return min(self.batch_size, self.n_samples - (t % self.steps_per_epoch) * self.batch_size)
 
     def step_seed(self, t: int) -> int:
         """The seed of step ``t``'s forward pass in this process (each rank's own in a data-parallel run)."""
@@ -126,19 +134,35 @@ def plan_trajectory(
     *,
     batch_size: int,
     max_epochs: int,
-    lr: float,
-    lr_schedule: str | Schedule,
-    momentum: float,
-    weight_decay: float,
     seed: int,
+    optimizer: type = torch.optim.SGD,
+    lr: float | None = None,
+    momentum: float = 0.9,
+    weight_decay: float | None = None,
+    lr_schedule="constant",
+    optimizer_options: Mapping[str, object] | None = None,
+    schedule_options: Mapping[str, object] | None = None,
+    schedule_interval: str = "auto",
     autocast: torch.dtype | None = None,
     shard: Shard | None = None,
 ) -> Trajectory:
-    """Draw the batch order and step seeds of a training run from one seed.
+    """Draw the batch order and step seeds of a training run from one seed, and resolve its schedule.
 
-    ``autocast`` (``torch.bfloat16`` or ``torch.float16``) runs every step's
-    forward pass and loss under ``torch.autocast``; see :func:`sgd_step`.
-    ``shard`` makes it a data-parallel run (:mod:`hydraclean.distributed`).
+    Parameters
+    ----------
+    n_samples, batch_size, max_epochs : int
+    seed : int
+        Draws every epoch's order and every step's seed.
+    optimizer, lr, momentum, weight_decay, optimizer_options
+        The optimizer class and its hyperparameters
+        (:func:`hydraclean.optimizers.make_rule`).
+    lr_schedule, schedule_options, schedule_interval
+        The schedule (:func:`hydraclean.schedules.resolve_schedule`).
+    autocast : torch.dtype, optional
+        ``torch.bfloat16`` or ``torch.float16``: every step's forward pass and
+        loss run under ``torch.autocast`` (see :func:`advance`).
+    shard : Shard, optional
+        Makes it a data-parallel run (:mod:`hydraclean.distributed`).
 
     Returns
     -------
@@ -147,16 +171,62 @@ def plan_trajectory(
     """
     rng = np.random.default_rng(seed)
     order = np.stack([rng.permutation(n_samples) for _ in range(max_epochs)])
+    rule, base = make_rule(optimizer, optimizer_options or {}, momentum=momentum, lr=lr, weight_decay=weight_decay)
     steps_per_epoch = [-(-n_samples // batch_size)] * max_epochs
-    lrs = learning_rates(lr, lr_schedule, steps_per_epoch)
-    seeds = rng.integers(0, 2**62, size=lrs.shape[0], dtype=np.int64)
-    return Trajectory(order, int(batch_size), lrs, seeds, float(momentum), float(weight_decay), autocast=autocast,
-                      shard=shard)
+    hyper = resolve_schedule(lr_schedule, rule=rule, base=base, steps_per_epoch=steps_per_epoch,
+                             options=schedule_options, interval=schedule_interval)
+    seeds = rng.integers(0, 2**62, size=sum(steps_per_epoch), dtype=np.int64)
+    return Trajectory(order, int(batch_size), seeds, rule, hyper, autocast=autocast, shard=shard)
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     """``torch.autocast`` to ``dtype`` on ``device``'s type; nothing for None."""
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+@dataclass
+class Step:
+    """One training step as the loop saw it, before its update: what a :class:`Recorder` receives.
+
+    Attributes
+    ----------
+    t : int
+        The step, counted from 0.
+    idx : Tensor of int
+        The batch's samples (this rank's share in a data-parallel run).
+    xb, yb : Tensor
+        Their inputs and label codes.
+    w : Tensor of shape (n_params,)
+        ``w_{t-1}``, the flat trainable parameters the step started from.
+    state : tuple of Tensor
+        ``s_{t-1}``, the optimizer state (flat).
+    g : Tensor of shape (n_params,)
+        ``g_t``, the gradient of the (global) batch's mean loss at ``w_{t-1}``.
+    """
+
+    t: int
+    idx: torch.Tensor
+    xb: torch.Tensor
+    yb: torch.Tensor
+    w: torch.Tensor
+    state: State
+    g: torch.Tensor
+
+
+class Recorder(Protocol):
+    """Keeps what scoring needs from the training run (layer factors, gradients, tangents...).
+
+    :func:`run_training` calls :meth:`attach` before the first step,
+    :meth:`record` at every step after the gradient and before the update
+    (the model still holds ``w_{t-1}``), and :meth:`detach` at the end, also
+    when training fails. They must not modify the model or the step.
+    """
+
+    def attach(self, model: nn.Module) -> None: ...
+
+    def record(self, step: Step) -> None: ...
+
+    def detach(self) -> None: ...
 
 
 @dataclass
@@ -191,18 +261,68 @@ def step_rng(seed: int, device: torch.device) -> Iterator[None]:
         yield
 
 
-def run_sgd(
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters that train, in :func:`hydraclean.gradients.parameter_dict`'s order."""
+    return list(parameter_dict(model, detach=False).values())
+
+
+def write_parameters(params: list[nn.Parameter], w: torch.Tensor) -> None:
+    """Copy the flat vector ``w`` into the parameters (one foreach copy)."""
+    views = [v.view_as(p) for v, p in zip(w.split([p.numel() for p in params]), params)]
+    with torch.no_grad():
+        torch._foreach_copy_(params, views)
+
+
+def advance(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    criterion: nn.Module,
+    trajectory: Trajectory,
+    t: int,
+    xb: torch.Tensor,
+    yb: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Step ``t``'s forward and backward pass at the weights ``model`` holds.
+
+    The forward pass runs under the step's seed (and, with
+    ``trajectory.autocast``, under ``torch.autocast``: no gradient scaling,
+    whose skipped steps would leave the recorded schedule; parameters,
+    gradients and the update stay in the module's dtype). In a data-parallel
+    run ``xb`` is this rank's share of the batch, its loss is scaled by the
+    global batch size, and the flat gradient is summed across ranks.
+
+    Returns
+    -------
+    logits, losses, loss : Tensor
+        The outputs, per-sample losses and their mean (this rank's share of
+        it in a data-parallel run).
+    g : Tensor of shape (n_params,)
+        ``g_t``; zero for a parameter that got no gradient.
+    """
+    with step_rng(trajectory.step_seed(t), xb.device), autocast(xb.device, trajectory.autocast):
+        logits = model(xb)
+        losses = criterion(logits, yb)
+    shard = trajectory.shard
+    # a rank's share of the global batch's mean loss; the all-reduce sums the shares' gradients
+    loss = losses.mean() if shard is None else losses.sum() / trajectory.batch_size_at(t)
+    grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
+    g = torch.cat([gr.reshape(-1) for gr in grads])
+    if shard is not None:
+        shard.all_reduce(g)
+    return logits, losses, loss, g
+
+
+def run_training(
     model: nn.Module,
     X: Inputs,
     y: torch.Tensor,
     criterion: nn.Module,
     trajectory: Trajectory,
     *,
-    on_step: StepCallback | None = None,
+    recorder: Recorder | None = None,
     on_epoch_end: Callable[[int], None] | None = None,
     progress: Progress | None = None,
     desc: str = "training",
-    store: Recorder | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, SampleTrace]:
     """Train ``model`` in place along ``trajectory``.
 
@@ -218,21 +338,15 @@ def run_sgd(
     criterion : nn.Module
         Per-sample loss with ``reduction="none"``.
     trajectory : Trajectory
-    on_step : callable, optional
-        ``on_step(model, t, indices, xb, yb)`` is called before step ``t`` (0-based)
-        while the model holds ``w_{t-1}``. It must not modify the model.
+    recorder : Recorder, optional
+        Receives every step (see :class:`Recorder`).
     on_epoch_end : callable, optional
         ``on_epoch_end(epoch)`` after the last step of each epoch.
     progress : callable, optional
-        ``progress(epochs, desc)`` wraps the iterator over epochs (a progress bar).
+        ``progress(steps, desc, n_steps)`` wraps the iterator over the run's
+        steps (a progress bar, advanced every step without a host sync).
     desc : str
         Label for the progress bar.
-    store : Recorder, optional
-        ``store.before_step(t, model, optimizer)`` runs before step ``t`` with
-        the model at ``w_{t-1}`` and the optimizer holding ``v_{t-1}``,
-        ``store.after_step(t, idx)`` after its update
-        (:class:`hydraclean.weight_store.WeightStore`,
-        :class:`hydraclean.projection.TrainingFactors`).
 
     Returns
     -------
@@ -252,92 +366,51 @@ def run_sgd(
     """
     model.train()
     device, dtype = y.device, next(p for p in model.parameters() if p.is_floating_point()).dtype
-    optimizer = make_optimizer(model, trajectory)
+    params = trainable_parameters(model)
+    rule = trajectory.rule
+    w = flatten(parameter_dict(model)).clone()
+    state = rule.init(w)
     step_loss = torch.empty(trajectory.n_steps, dtype=dtype, device=device)
     step_correct = torch.empty(trajectory.n_steps, dtype=torch.int64, device=device)
     sample_loss = torch.zeros(trajectory.n_samples, dtype=dtype, device=device)
     sample_proba = None
-    steps_per_epoch = -(-trajectory.n_samples // trajectory.batch_size)
+    per_epoch = trajectory.steps_per_epoch
     epochs = range(trajectory.order.shape[0])
     steps = step_inputs(X, trajectory)  # one iterator over the run: one DataLoader for a Dataset
-    for epoch in progress(epochs, desc) if progress else epochs:
-        first = epoch * steps_per_epoch
-        for t, idx, xb in itertools.islice(steps, steps_per_epoch):
-            yb = y[idx]
-            if on_step is not None:
-                on_step(model, t, idx, xb, yb)
-            if store is not None:
-                store.before_step(t, model, optimizer)
-            logits, losses, loss = sgd_step(model, optimizer, criterion, trajectory, t, xb, yb)
-            if store is not None:
-                store.after_step(t, idx)
-            sample_loss.index_add_(0, idx, losses.detach().to(dtype))
-            if sample_proba is None:
-                sample_proba = sample_loss.new_zeros(trajectory.n_samples, logits.shape[1])
-            sample_proba.index_add_(0, idx, logits.detach().to(dtype).softmax(1))
-            step_loss[t] = loss.detach()
-            step_correct[t] = (logits.detach().argmax(1) == yb).sum()
-        if trajectory.shard is not None:  # the shares of each step's loss and accuracy, once an epoch
-            trajectory.shard.all_reduce(step_loss[first : first + steps_per_epoch])
-            trajectory.shard.all_reduce(step_correct[first : first + steps_per_epoch])
-        _check_finite(step_loss[first : first + steps_per_epoch], epoch, first, trajectory)
-        if on_epoch_end is not None:
-            on_epoch_end(epoch)
-    optimizer.zero_grad(set_to_none=True)  # the trained model carries no gradients
+    if progress is not None:
+        steps = iter(progress(steps, desc, trajectory.n_steps))
+    if recorder is not None:
+        recorder.attach(model)
+    try:
+        for epoch in epochs:
+            first = epoch * per_epoch
+            for t, idx, xb in itertools.islice(steps, per_epoch):
+                yb = y[idx]
+                logits, losses, loss, g = advance(model, params, criterion, trajectory, t, xb, yb)
+                if recorder is not None:
+                    recorder.record(Step(t, idx, xb, yb, w, state, g))
+                w, state = rule.step(w, state, g, t + 1, trajectory.hyper_at(t))
+                write_parameters(params, w)
+                sample_loss.index_add_(0, idx, losses.detach().to(dtype))
+                if sample_proba is None:
+                    sample_proba = sample_loss.new_zeros(trajectory.n_samples, logits.shape[1])
+                sample_proba.index_add_(0, idx, logits.detach().to(dtype).softmax(1))
+                step_loss[t] = loss.detach()
+                step_correct[t] = (logits.detach().argmax(1) == yb).sum()
+            if trajectory.shard is not None:  # the shares of each step's loss and accuracy, once an epoch
+                trajectory.shard.all_reduce(step_loss[first : first + per_epoch])
+                trajectory.shard.all_reduce(step_correct[first : first + per_epoch])
+            _check_finite(step_loss[first : first + per_epoch], epoch, first, trajectory)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch)
+    finally:
+        if recorder is not None:
+            recorder.detach()
     n_epochs = trajectory.order.shape[0]
     if trajectory.shard is not None:
         trajectory.shard.all_reduce(sample_loss)
         trajectory.shard.all_reduce(sample_proba)
     return step_loss, step_correct, SampleTrace(sample_loss / n_epochs, sample_proba / n_epochs)
-
-
-def make_optimizer(model: nn.Module, trajectory: Trajectory) -> torch.optim.SGD:
-    """The ``torch.optim.SGD`` that :func:`run_sgd` steps with (learning rate set per step)."""
-    return torch.optim.SGD(
-        model.parameters(),
-        lr=float(trajectory.lrs[0]),
-        momentum=trajectory.momentum,
-        weight_decay=trajectory.weight_decay,
-    )
-
-
-def sgd_step(
-    model: nn.Module,
-    optimizer: torch.optim.SGD,
-    criterion: nn.Module,
-    trajectory: Trajectory,
-    t: int,
-    xb: torch.Tensor,
-    yb: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Step ``t`` of the run: forward under the step's seed, backward, update.
-
-    With ``trajectory.autocast``, the forward pass and the loss run under
-    ``torch.autocast`` (no gradient scaling: a scaler's skipped steps would
-    leave the recorded schedule); parameters, gradients and the update stay
-    in the module's dtype.
-
-    In a data-parallel run (``trajectory.shard``) ``xb`` is this rank's share
-    of the batch, its loss is scaled by the global batch size, and the
-    gradients are summed across ranks before the update.
-
-    Returns the logits, the per-sample losses and their mean (this rank's
-    share of it in a data-parallel run), not detached.
-    """
-    for group in optimizer.param_groups:
-        group["lr"] = float(trajectory.lrs[t])
-    with step_rng(trajectory.step_seed(t), xb.device), autocast(xb.device, trajectory.autocast):
-        logits = model(xb)
-        losses = criterion(logits, yb)
-    shard = trajectory.shard
-    # a rank's share of the global batch's mean loss; the all-reduce sums the shares' gradients
-    loss = losses.mean() if shard is None else losses.sum() / trajectory.batch_size_at(t)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if shard is not None:
-        shard.all_reduce_gradients(model)
-    optimizer.step()
-    return logits, losses, loss
 
 
 def _check_finite(losses: torch.Tensor, epoch: int, first: int, trajectory: Trajectory) -> None:
@@ -358,10 +431,9 @@ def train(
     criterion: nn.Module,
     trajectory: Trajectory,
     *,
-    on_step: StepCallback | None = None,
+    recorder: Recorder | None = None,
     validation: tuple[torch.Tensor, torch.Tensor] | None = None,
     progress: Progress | None = None,
-    store: Recorder | None = None,
 ) -> tuple[nn.Module, dict[str, list[float]], SampleTrace]:
     """Train a copy of ``module`` along ``trajectory`` and record ``w_0``.
 
@@ -369,8 +441,8 @@ def train(
     ----------
     module : nn.Module
         Untouched; its weights are ``w_0``. Must already be on ``y.device``.
-    X, y, criterion, trajectory, on_step, progress, store
-        As in :func:`run_sgd`.
+    X, y, criterion, trajectory, recorder, progress
+        As in :func:`run_training`.
     validation : (X_val, y_val), optional
         Evaluated in eval mode after every epoch for the history.
 
@@ -396,8 +468,8 @@ def train(
         history["valid_accuracy"].append(acc)
         model.train()
 
-    step_loss, step_correct, trace = run_sgd(
-        model, X, y, criterion, trajectory, on_step=on_step, on_epoch_end=evaluate, progress=progress, store=store
+    step_loss, step_correct, trace = run_training(
+        model, X, y, criterion, trajectory, recorder=recorder, on_epoch_end=evaluate, progress=progress
     )
     sizes = torch.as_tensor(trajectory.batch_sizes(), device=y.device)
     n_epochs = trajectory.order.shape[0]
@@ -476,14 +548,16 @@ def replay(
     X: Inputs,
     y: torch.Tensor,
     criterion: nn.Module,
-    on_step: StepCallback,
+    recorder: Recorder,
     progress: Progress | None = None,
-) -> None:
-    """Walk the recorded trajectory again from ``w_0``, calling ``on_step`` at each step.
+) -> nn.Module:
+    """Walk the recorded trajectory again from ``w_0``, handing every step to ``recorder``.
 
     ``module`` supplies the architecture; its weights are replaced by the
-    recorded ``w_0``. The replayed weights are those of the original run.
+    recorded ``w_0``. On CPU the replayed steps are bit for bit those of the
+    original run. Returns the replayed model (``w_T``).
     """
     model = copy.deepcopy(module)
     model.load_state_dict(trajectory.initial_state)
-    run_sgd(model, X, y, criterion, trajectory, on_step=on_step, progress=progress, desc="scoring")
+    run_training(model, X, y, criterion, trajectory, recorder=recorder, progress=progress, desc="replaying")
+    return model

@@ -86,7 +86,7 @@ def test_distributed_true_without_a_process_group_names_the_fix():
 
 
 @pytest.mark.parametrize("kw, match", [
-    ({"hessian": "exact", "exact_subset": [0, 1]}, "hessian='exact' runs in one process"),
+    ({"hessian": "exact"}, "hessian='exact' runs in one process"),
     ({"module": lambda: nn.Sequential(nn.Linear(64, 24), nn.BatchNorm1d(24), nn.ReLU(), nn.Linear(24, 10))},
      "BatchNorm would normalise each share"),
 ], ids=["exact", "batch norm"])

@@ -66,8 +66,9 @@ def test_drop_strategy_attributes(flat):
     assert np.array_equal(c.label_quality_, c.contribution_)
     assert c.contribution_[c.label_issues_].max() <= c.contribution_[c.support_].min()
     assert c.contribution_matrix_ is None
-    assert c.class_contribution_.shape == (n, 10) and c.trajectory_proba_.shape == (n, 10)
-    assert c.trajectory_loss_.shape == (n,) and c.suggested_label_.shape == (n,)
+    # C(i) alone is one direction: no class-resolved contributions, no suggested labels
+    assert c.class_contribution_ is None and c.suggested_label_ is None and c.trajectory_proba_.shape == (n, 10)
+    assert c.trajectory_loss_.shape == (n,)
     np.testing.assert_allclose(c.trajectory_proba_.sum(1), 1.0, rtol=1e-6)
     assert list(c.classes_) == list(range(10))
     assert c.n_features_in_ == 64 and c.input_shape_ == (64,)
@@ -184,15 +185,117 @@ def test_learning_rate_schedule_is_recorded(flat):
     np.testing.assert_allclose(c.trajectory_.lrs, 0.05 * 0.5 ** np.repeat(np.arange(3), steps))
 
 
-def test_exact_on_a_subset(flat):
+@pytest.mark.filterwarnings("ignore:The trained model did not learn")
+def test_exact_scores_every_sample(flat):
+    """Reverse mode: hessian="exact" gives every training row a finite contribution, at one fit."""
     X, y, _, Xv, yv = flat
-    subset = [3, 10, 50, 77]
-    c = HydraLabelCleaner(mlp, hessian="exact", exact_subset=subset, drop_fraction=0.5, max_epochs=1,
-                          batch_size=64, random_state=0)
+    c = HydraLabelCleaner(mlp, hessian="exact", drop_fraction=0.1, max_epochs=1, batch_size=64, random_state=0)
     c.fit(X[:200], y[:200], X_val=Xv, y_val=yv)
-    assert np.isfinite(c.contribution_[subset]).all()
-    assert np.isnan(np.delete(c.contribution_, subset)).all()
-    assert c.label_issues_.sum() == 2 and c.label_issues_[subset].sum() == 2
+    assert np.isfinite(c.contribution_).all() and np.isfinite(c.class_contribution_).all()
+    assert c.label_issues_.sum() == 20
+
+
+# -- training recipes: optimizers and schedulers ------------------------------------
+
+
+@pytest.mark.parametrize("optimizer", [torch.optim.Adam, torch.optim.AdamW])
+def test_adam_recipes_detect_flips(digits, optimizer):
+    X, y, noise, Xv, yv = digits
+    c = HydraLabelCleaner(SmallCNN, optimizer=optimizer, lr=3e-3, optimizer__betas=(0.9, 0.99), max_epochs=12,
+                          batch_size=32, random_state=0).fit(X, y, X_val=Xv, y_val=yv)
+    assert c.history_["valid_accuracy"][-1] > 0.8
+    assert detection_metrics(noise, c.label_quality_, c.label_issues_)["auroc"] > 0.95
+    assert c.trajectory_.rule.beta2 == 0.99 and type(c.trajectory_.rule).__name__ == optimizer.__name__
+
+
+def test_routed_parameters_follow_the_scikit_learn_contract(flat):
+    """optimizer__* and lr_schedule__*: get_params, set_params, clone and a grid search, as in skorch."""
+    from sklearn.model_selection import GridSearchCV
+    from torch.optim.lr_scheduler import CosineAnnealingLR
+
+    c = HydraLabelCleaner(mlp, optimizer=torch.optim.AdamW, optimizer__betas=(0.8, 0.9),
+                          lr_schedule=CosineAnnealingLR, lr_schedule__eta_min=1e-4)
+    params = c.get_params()
+    assert params["optimizer__betas"] == (0.8, 0.9) and params["lr_schedule__eta_min"] == 1e-4
+    twin = clone(c)
+    assert twin.get_params()["optimizer__betas"] == (0.8, 0.9) and twin.optimizer is torch.optim.AdamW
+    c.set_params(optimizer__eps=1e-6, lr=0.01)
+    assert c.get_params()["optimizer__eps"] == 1e-6 and c.lr == 0.01
+    X, y, _, Xv, yv = flat
+    typo = HydraLabelCleaner(mlp, optimiser__betas=(0.9, 0.99))  # stored, as every parameter, and checked in fit
+    assert clone(typo).get_params()["optimiser__betas"] == (0.9, 0.99)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'optimiser__betas'.*optimizer__<name>"):
+        typo.fit(X, y, X_val=Xv, y_val=yv)
+    assert not hasattr(typo, "contribution_")
+
+    X_all, y_all = np.concatenate([X[:150], Xv]), np.concatenate([y[:150], yv])
+    grid = GridSearchCV(HydraLabelCleaner(mlp, optimizer=torch.optim.AdamW, max_epochs=2, random_state=0),
+                        {"optimizer__betas": [(0.9, 0.999), (0.5, 0.9)]}, cv=2,
+                        scoring=lambda est, X, y: float(est.history_["valid_accuracy"][-1]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        grid.fit(X_all, y_all)
+    assert grid.best_params_["optimizer__betas"] in [(0.9, 0.999), (0.5, 0.9)]
+    assert grid.best_estimator_.trajectory_.rule.beta2 in (0.999, 0.9)
+
+
+def test_schedulers_run_as_the_user_guide_writes_them(flat):
+    """Every way the user guide writes a schedule; the library supplies the run's length."""
+    import functools
+
+    from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LinearLR, OneCycleLR, SequentialLR
+
+    X, y, _, Xv, yv = flat
+    steps, epochs = -(-len(y) // 32), 3
+    cases = [
+        (dict(lr_schedule="cosine"), steps * epochs),
+        (dict(lr_schedule=CosineAnnealingLR), epochs),  # per epoch: T_max = 3
+        (dict(lr_schedule=CosineAnnealingLR, lr_schedule_interval="batch"), steps * epochs),
+        (dict(lr_schedule=OneCycleLR, optimizer=torch.optim.AdamW), steps * epochs),
+        (dict(lr_schedule=LambdaLR, lr_schedule__lr_lambda=lambda epoch: 0.9**epoch), epochs),
+        (dict(lr_schedule=lambda epoch: 0.9**epoch), epochs),
+        (dict(lr_schedule=SequentialLR, lr_schedule_interval="batch",
+              lr_schedule__schedulers=[functools.partial(LinearLR, start_factor=0.1, total_iters=5), CosineAnnealingLR],
+              lr_schedule__milestones=[5]), steps * epochs),
+        (dict(lr_schedule=ExponentialDecay(0.5)), epochs),
+    ]
+    for kw, distinct in cases:
+        c = HydraLabelCleaner(mlp, **{**FAST, **kw}).fit(X, y, X_val=Xv, y_val=yv)
+        assert len(np.unique(c.trajectory_.lrs)) == distinct, kw
+        assert np.isfinite(c.label_quality_).all()
+    assert np.ptp(c.trajectory_.hyper["momentum"]) == 0  # only OneCycleLR cycles it
+    one_cycle = HydraLabelCleaner(mlp, **{**FAST, "lr_schedule": OneCycleLR}).fit(X, y, X_val=Xv, y_val=yv)
+    assert one_cycle.trajectory_.hyper["momentum"].min() == pytest.approx(0.85, rel=1e-3)
+    assert one_cycle.trajectory_.lrs.max() == pytest.approx(0.05, rel=1e-3)  # max_lr supplied: lr
+
+
+@pytest.mark.parametrize(
+    "kw,error,message",
+    [
+        (dict(optimizer=torch.optim.RMSprop), ValueError, "optimizer=RMSprop is not supported"),
+        (dict(optimizer=torch.optim.SGD, optimizer__betas=(0.9, 0.99)), ValueError, "not supported for SGD"),
+        (dict(lr_schedule="linear"), InvalidParameterError, "lr_schedule"),
+        (dict(lr_schedule_interval="step"), InvalidParameterError, "lr_schedule_interval"),
+        (dict(lr_schedule="constant", lr_schedule__T_max=4), ValueError, "not a torch scheduler class"),
+    ],
+)
+def test_unsupported_recipes_are_refused_before_training(flat, kw, error, message):
+    X, y, _, Xv, yv = flat
+    est = HydraLabelCleaner(mlp, **{**FAST, **kw})
+    with pytest.raises(error, match=message):
+        est.fit(X, y, X_val=Xv, y_val=yv)
+    assert not hasattr(est, "contribution_")
+
+
+def test_a_score_without_hypergradient_leaves_the_contributions_out(flat):
+    X, y, noise, Xv, yv = flat
+    c = HydraLabelCleaner(mlp, scoring="trajectory_loss", drop_fraction=0.2, **FAST).fit(X, y, X_val=Xv, y_val=yv)
+    assert c.contribution_ is None and c.class_contribution_ is None and c.suggested_label_ is None
+    assert c.label_issues_.sum() == round(0.2 * len(y))
+    one = HydraLabelCleaner(mlp, scoring="contribution", drop_fraction=0.2, **FAST).fit(X, y, X_val=Xv, y_val=yv)
+    default = HydraLabelCleaner(mlp, **FAST).fit(X, y, X_val=Xv, y_val=yv)
+    assert one.class_contribution_ is None  # one direction: the mean validation gradient
+    np.testing.assert_allclose(one.contribution_, default.contribution_, rtol=1e-4, atol=1e-7)
 
 
 # -- faces ------------------------------------------------------------------------

@@ -131,16 +131,16 @@ def test_explain_after_a_validation_mask_fit():
     np.testing.assert_allclose(ex.contribution_matrix[~mask], c.contribution_matrix_[~mask], rtol=1e-9, atol=1e-15)
 
 
-def test_exact_subset_with_validation_rows_inside_X():
+def test_exact_with_validation_rows_inside_X():
+    """Reverse-mode exact contributions of every training row, laid out over X: NaN for validation rows,
+    the same numbers as when the training rows come alone with X_val."""
     X, y, Xv, yv = _digits_flat(n_train=60, n_val=20)
     X_all, y_all = np.concatenate([Xv[:10], X[:30], Xv[10:], X[30:]]), np.concatenate([yv[:10], y[:30], yv[10:], y[30:]])
     mask = np.zeros(len(y_all), bool)
     mask[:10] = mask[40:50] = True  # validation rows before and between training rows
-    full = HydraLabelCleaner(_tiny, hessian="exact", **FAST).fit(X_all, y_all, validation_mask=mask)
-    subset = np.array([12, 39, 55, 79])  # rows of X_all, all training rows
-    part = HydraLabelCleaner(_tiny, hessian="exact", exact_subset=subset, **FAST).fit(X_all, y_all,
-                                                                                      validation_mask=mask)
-    np.testing.assert_allclose(part.contribution_[subset], full.contribution_[subset], rtol=1e-10)
-    np.testing.assert_allclose(part.class_contribution_[subset], full.class_contribution_[subset], rtol=1e-10)
-    others = np.setdiff1d(np.arange(len(y_all)), subset)
-    assert np.isnan(part.contribution_[others]).all() and not part.label_issues_[others].any()
+    inside = HydraLabelCleaner(_tiny, hessian="exact", **FAST).fit(X_all, y_all, validation_mask=mask)
+    apart = HydraLabelCleaner(_tiny, hessian="exact", **FAST).fit(X_all[~mask], y_all[~mask], X_val=X_all[mask],
+                                                                  y_val=y_all[mask])
+    assert np.isnan(inside.contribution_[mask]).all() and not inside.label_issues_[mask].any()
+    np.testing.assert_allclose(inside.contribution_[~mask], apart.contribution_, rtol=1e-10)
+    np.testing.assert_allclose(inside.class_contribution_[~mask], apart.class_contribution_, rtol=1e-10)

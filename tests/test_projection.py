@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from hydraclean.gradients import parameter_dict
 from hydraclean.projection import (
     FunctionalProjector,
     _conv_sample_gradients,
@@ -29,7 +30,7 @@ def brute(module, xb, yb, directions, seed=7):
 
 def project(projector, module, xb, yb, idx, weight, seed=7):
     with ref.seeded(seed):
-        projector.add(module, idx, xb, yb, weight)
+        projector.add(parameter_dict(module), idx, xb, yb, weight)
     return projector.result()
 
 

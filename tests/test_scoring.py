@@ -64,7 +64,10 @@ def test_unscored_rows_give_nan_and_classes_without_validation_samples_are_skipp
     arrays["class_contribution"][:, 2] = np.nan  # a class with no validation sample
     for name, score in scoring.SCORES.items():
         out = score(**arrays)
-        assert np.isnan(out[3]) and np.isfinite(np.delete(out, 3)).all(), name
+        if score.needs == {"trajectory"}:  # the training run's record: every row has one
+            assert np.isfinite(out).all(), name
+        else:
+            assert np.isnan(out[3]) and np.isfinite(np.delete(out, 3)).all(), name
     R = arrays["class_contribution"]
     assert scoring.class_min(**arrays)[0] == np.nanmin(R[0])
     # the other rows' z-scores do not see the unscored row
@@ -137,3 +140,12 @@ def test_sign_clusters_split_each_class_as_scikit_learns_ward_does():
         groups = AgglomerativeClustering(n_clusters=2, linkage="ward").fit_predict(M[members])
         low = np.argmin([scores[members[groups == g]].mean() for g in (0, 1)])
         assert np.array_equal(flags[members], groups == low)
+
+
+def test_each_score_names_what_it_reads():
+    """A fit computes what the score needs: no hypergradient for the training run's own record."""
+    assert scoring.trajectory_loss.needs == scoring.trajectory_margin.needs == {"trajectory"}
+    assert scoring.contribution.needs == {"contribution"}
+    assert scoring.class_harm.needs == scoring.class_min.needs == {"class_contribution"}
+    assert scoring.combined.needs == {"class_contribution", "trajectory"}
+    assert all(hasattr(score, "needs") for score in scoring.SCORES.values())

@@ -1,0 +1,190 @@
+"""What scoring keeps from the training run, and how it projects: one protocol, three routes.
+
+Every route is a :class:`hydraclean.training.Recorder` handed to the training
+run, then asked for the projections of the run's hypergradients on the
+validation directions, which exist only once training is over::
+
+    route = plan_route(...)                 # the cheapest that applies and fits in max_memory
+    train(..., recorder=route)              # keeps what it needs from every step
+    route.finish()
+    P = route.project(directions)           # P[i, k] = <V_k, nabla_{T,i}>, shape (N, K)
+    route.close()
+
+The routes (the choice is :func:`plan_route`'s):
+
+- :class:`hydraclean.projection.TrainingFactors`: Hessian-free, linear rule
+  (SGD), a model of Linear and Conv2d layers: each step's layer factors,
+  weighted by scalars known before training and summed as the run goes;
+- :class:`hydraclean.projection.StepFactors`: Hessian-free, any other
+  (elementwise) rule (Adam, AdamW), the same models: each step's layer factors
+  and gradient, then one backward sweep of the update rule;
+- :class:`StoredRun`: everything else (``hessian="exact"``, BatchNorm, other
+  layers, or when the factors do not fit): every step's gradient, then a walk
+  over the run at its recorded weights.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from .batches import Inputs, first_inputs
+from .gradients import PerSampleLoss, parameter_dict, unflatten
+from .hypergradient import exact_projections, free_factors, step_weights
+from .projection import FunctionalProjector, StepFactors, TrainingFactors, make_projector
+from .run_store import RunStore
+from .training import Progress, Recorder, Step, Trajectory, step_rng
+
+__all__ = ["Route", "StoredRun", "plan_route"]
+
+#: Validation rows whose directions are their own gradients, for ghost products:
+#: (the trained model, their inputs, their label codes).
+Rows = tuple[nn.Module, torch.Tensor, torch.Tensor]
+
+
+class Route(Recorder, Protocol):
+    """A recorder for the training run that projects the run's hypergradients afterwards.
+
+    Attributes
+    ----------
+    nbytes : int
+        Memory held (disk included), at most.
+    """
+
+    nbytes: int
+
+    def finish(self) -> None:
+        """Complete what training left (called once, after training, before any direction exists)."""
+
+    def project(self, directions: torch.Tensor, rows: Rows | None = None, progress: Progress | None = None
+                ) -> torch.Tensor:
+        """``P[i, k] = <V_k, nabla_{T,i}>`` for every training sample, shape (N, K).
+
+        ``directions`` (K, n_params); ``rows``: when the last ``len(rows[1])``
+        directions are those validation samples' own gradients (ghost products
+        where a route has them); ``progress`` wraps a walk over the run's
+        steps, where the route takes one.
+        """
+
+    def close(self) -> None:
+        """Free what the route holds (files included)."""
+
+
+def plan_route(module: nn.Module, criterion: nn.Module, X: Inputs, y: torch.Tensor, trajectory: Trajectory, *,
+               hessian: str = "free", max_memory: int = 10**9, spill_dir=None) -> Route:
+    """The cheapest route that applies to this run and fits in ``max_memory`` (see the module docstring).
+
+    Parameters
+    ----------
+    module : nn.Module
+        The architecture (``w_0``), on the data's device.
+    criterion : nn.Module
+    X, y
+        The training inputs (a tensor or a Dataset's loader) and label codes.
+    trajectory : Trajectory
+    hessian : {"free", "exact"}
+    max_memory : int
+        Bytes on the data's device for what the route keeps.
+    spill_dir : str, optional
+        Where :class:`StoredRun` may put the gradients when they do not fit.
+
+    Raises
+    ------
+    ValueError
+        When ``max_memory`` cannot hold even :class:`StoredRun`'s checkpoints.
+    """
+    if hessian == "free":
+        probe = first_inputs(X, 2)
+        if trajectory.rule.linear:
+            data = X if isinstance(X, torch.Tensor) else None
+            route = TrainingFactors.plan(module, criterion, probe, trajectory, step_weights(trajectory), max_memory,
+                                         data)
+        else:
+            route = StepFactors.plan(module, criterion, probe, trajectory, max_memory)
+        if route is not None:
+            return route
+    return StoredRun(module, criterion, trajectory, X, y, exact=hessian == "exact", max_memory=max_memory,
+                     spill_dir=spill_dir)
+
+
+class StoredRun:
+    """Scores from the run's stored steps (:class:`hydraclean.run_store.RunStore`): any model, any rule.
+
+    A :class:`hydraclean.training.Recorder` for the training run (the store's),
+    then :meth:`project`:
+
+    - ``exact``: the adjoint sweep with Hessian-vector products
+      (:func:`exact_projections`), last step first;
+    - Hessian-free, linear rule (SGD): a forward walk adding
+      ``c_t (N / b_t) <V, grad l_i(w_{t-1})>`` at every step (layer factors or
+      ``torch.func``, :func:`hydraclean.projection.make_projector`);
+    - Hessian-free, other rules: a backward walk with the directions
+      ``V * d_t`` of :func:`free_factors` at every step.
+
+    Parameters
+    ----------
+    module : nn.Module
+        The architecture (its weights do not matter).
+    criterion : nn.Module
+    trajectory : Trajectory
+    X, y
+        The training inputs and label codes, walked again.
+    exact : bool
+    max_memory : int
+        Bytes for the store.
+    spill_dir : str, optional
+    """
+
+    def __init__(self, module: nn.Module, criterion: nn.Module, trajectory: Trajectory, X: Inputs, y: torch.Tensor,
+                 *, exact: bool, max_memory: int, spill_dir=None) -> None:
+        like = parameter_dict(module)
+        ref = next(iter(like.values()))
+        self.module, self.criterion, self.trajectory, self.X, self.y = module, criterion, trajectory, X, y
+        self.like = {k: v.detach() for k, v in like.items()}
+        self.exact = exact
+        self.store = RunStore(trajectory, sum(p.numel() for p in like.values()), ref.dtype, ref.device, max_memory,
+                              spill_dir, reverse=exact or not trajectory.rule.linear)
+        self.nbytes = self.store.nbytes
+        self.accumulate_bytes = max_memory - self.store.nbytes  # room for a convolution buffer
+
+    def attach(self, model: nn.Module) -> None:
+        self.store.attach(model)
+
+    def record(self, step: Step) -> None:
+        self.store.record(step)
+
+    def detach(self) -> None:
+        self.store.detach()
+
+    def finish(self) -> None:
+        """Nothing to complete after training."""
+
+    def project(self, directions: torch.Tensor, rows: Rows | None = None, progress: Progress | None = None
+                ) -> torch.Tensor:
+        """``P[i, k] = <V_k, nabla_{T,i}>`` for every sample, shape (N, K)."""
+        traj, n = self.trajectory, self.trajectory.n_samples
+        reverse = self.exact or not traj.rule.linear
+        steps = self.store.walk(self.module, self.X, self.y, self.criterion, reverse=reverse)
+        if progress is not None:
+            steps = iter(progress(steps, "scoring", traj.n_steps))
+        if self.exact:
+            return exact_projections(traj, steps, PerSampleLoss(self.module, self.criterion), self.like, directions, n)
+        if traj.rule.linear:
+            weights = step_weights(traj)
+            projector = make_projector(self.module, self.criterion, directions, n, rows, self.accumulate_bytes,
+                                       traj.autocast)
+            for step in steps:
+                with step_rng(traj.step_seed(step.t), step.xb.device):
+                    projector.add(unflatten(step.w, self.like), step.idx, step.xb, step.yb, float(weights[step.t]))
+            return projector.result()
+        projector = FunctionalProjector(self.module, self.criterion, directions, n, traj.autocast)
+        for step, d in free_factors(traj, steps):
+            with step_rng(traj.step_seed(step.t), step.xb.device):
+                projector.add(unflatten(step.w, self.like), step.idx, step.xb, step.yb,
+                              n / traj.batch_size_at(step.t), directions=directions * d)
+        return projector.result()
+
+    def close(self) -> None:
+        self.store.close()

@@ -1,0 +1,185 @@
+"""The stored run: every walk visits exactly the recorded run's weights and state, within the memory budget."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from hydraclean import HydraLabelCleaner
+from hydraclean.run_store import RunStore, parse_bytes
+from hydraclean.training import Step, plan_trajectory, replay, train
+
+from . import reference as ref
+
+CE = nn.CrossEntropyLoss(reduction="none")
+
+
+def setup(n=10, momentum=0.9, optimizer=torch.optim.SGD, epochs=3):
+    module = ref.tiny_conv_net().float()
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(n, 1, 6, 6, generator=g), torch.arange(n) % 3
+    traj = plan_trajectory(n, batch_size=4, max_epochs=epochs, lr=0.1 if optimizer is torch.optim.SGD else 0.01,
+                           momentum=momentum, weight_decay=0.01, seed=0, optimizer=optimizer)
+    return module, X, y, traj
+
+
+class Visits:
+    """A recorder that keeps a copy of every step it sees."""
+
+    def __init__(self):
+        self.steps = {}
+
+    def attach(self, model):
+        pass
+
+    def detach(self):
+        pass
+
+    def record(self, step):
+        self.steps[step.t] = Step(step.t, step.idx.clone(), step.xb.clone(), step.yb.clone(), step.w.clone(),
+                                  tuple(s.clone() for s in step.state), step.g.clone())
+
+
+class Both:
+    def __init__(self, *recorders):
+        self.recorders = recorders
+
+    def attach(self, model):
+        for r in self.recorders:
+            r.attach(model)
+
+    def detach(self):
+        for r in self.recorders:
+            r.detach()
+
+    def record(self, step):
+        for r in self.recorders:
+            r.record(step)
+
+
+@pytest.mark.parametrize("optimizer", [torch.optim.SGD, torch.optim.Adam])
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "backward"])
+@pytest.mark.parametrize("kind", ["memory", "checkpoints", "checkpoints, uneven", "disk"])
+def test_walks_visit_the_recorded_steps_bit_for_bit(kind, reverse, momentum, optimizer, tmp_path):
+    """Forward and backward, from every gradient or from checkpoints, every step's w, s and g are the run's.
+
+    "checkpoints, uneven": an interval that does not divide the 9 steps (the last segment is short)."""
+    module, X, y, traj = setup(momentum=momentum, optimizer=optimizer)
+    n_params = sum(p.numel() for p in module.parameters())
+    row, rows = n_params * 4, 1 + len(traj.rule.init(torch.zeros(1)))
+    # checkpoints every s steps take ceil(9 / s) rows of (w, s), and a backward walk a segment of s steps
+    segment = rows + 1 if reverse else 0
+    uneven = 2 if reverse else 5  # intervals that do not divide 9
+    budget = {"memory": 10**6, "checkpoints": (3 * rows + 3 * segment) * row,
+              "checkpoints, uneven": (-(-9 // uneven) * rows + uneven * segment) * row,
+              "disk": (6 if reverse else 1) * rows * row}[kind]  # the segments' starts (and one segment) only
+    store = RunStore(traj, n_params, torch.float32, "cpu", budget, tmp_path if kind == "disk" else None,
+                     reverse=reverse)
+    recorded = Visits()
+    train(module, X, y, CE, traj, recorder=Both(store, recorded))
+    replayed = Visits()
+    replay(traj, module, X, y, CE, replayed)
+    walked = list(store.walk(module, X, y, CE, reverse=reverse))
+    assert [s.t for s in walked] == list(range(traj.n_steps))[:: -1 if reverse else 1]
+    assert store.location == kind.split(",")[0]
+    assert store.interval == {"checkpoints": 3, "checkpoints, uneven": uneven}.get(kind, store.interval)
+    assert store.nbytes <= budget or kind == "disk"
+    for step in walked:
+        for other in (recorded.steps[step.t], replayed.steps[step.t]):
+            assert torch.equal(step.w, other.w) and torch.equal(step.g, other.g) and torch.equal(step.xb, other.xb)
+            assert all(torch.equal(a, b) for a, b in zip(step.state, other.state))
+            assert torch.equal(step.idx, other.idx) and torch.equal(step.yb, other.yb)
+    store.close()
+    assert not list(tmp_path.iterdir())  # the spill file is gone
+
+
+def test_too_small_a_budget_names_the_fix():
+    module, _, _, traj = setup()
+    with pytest.raises(ValueError, match="max_memory=100 bytes cannot hold one checkpoint.*spill_dir"):
+        RunStore(traj, sum(p.numel() for p in module.parameters()), torch.float32, "cpu", 100)
+
+
+def test_a_parameter_without_gradient_is_stepped_with_zero_and_checkpointed():
+    """An unused submodule: zero gradient, state kept like any other (no KeyError on a missing buffer)."""
+
+    class Unused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net, self.spare = ref.tiny_conv_net().float(), nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.net(x)
+
+    _, X, y, traj = setup()
+    module = Unused()
+    n_params = sum(p.numel() for p in module.parameters())
+    store = RunStore(traj, n_params, torch.float32, "cpu", 4 * n_params * 4 * 2 + 1)
+    model, _, _ = train(module, X, y, CE, traj, recorder=store)
+    steps = list(store.walk(module, X, y, CE))
+    assert store.location == "checkpoints" and len(steps) == traj.n_steps
+    spare = slice(n_params - 12, n_params)
+    assert all(torch.equal(s.g[spare], torch.zeros(12)) for s in steps)
+    # zero gradient, weight decay 0.01 at lr 0.1 each step, momentum carrying it (as torch would with a zero grad)
+    w, v = module.spare.bias.detach().clone(), torch.zeros(3)
+    for _ in range(traj.n_steps):
+        v = 0.9 * v + 0.01 * w
+        w = w - 0.1 * v
+    torch.testing.assert_close(model.spare.bias.detach(), w)
+
+
+@pytest.mark.parametrize(
+    "value,expected",
+    [(123, 123), ("512MB", 512 * 10**6), ("2 GiB", 2 * 2**30), ("1.5kb", 1500), ("64", 64)],
+)
+def test_parse_bytes(value, expected):
+    assert parse_bytes(value) == expected
+
+
+@pytest.mark.parametrize("value", ["lots", "12 parsecs", "-3MB"])
+def test_parse_bytes_rejects_what_it_cannot_read(value):
+    with pytest.raises(ValueError, match="memory size"):
+        parse_bytes(value)
+
+
+def digits_like(n=60, seed=0):
+    rng = np.random.RandomState(seed)
+    X = rng.randn(n, 1, 6, 6).astype(np.float32)
+    y = rng.randint(0, 3, n)
+    return X, y
+
+
+def cleaner(**kw):
+    return HydraLabelCleaner(lambda: ref.tiny_conv_net().float(), max_epochs=2, batch_size=8, lr=0.05,
+                             random_state=0, **kw)
+
+
+def test_estimator_contributions_do_not_depend_on_where_the_weights_are_kept(tmp_path):
+    """Up to float32 rounding: without room for the convolution buffer they are projected every step."""
+    X, y = digits_like()
+    mask = np.arange(len(y)) >= 45
+    with pytest.warns(UserWarning, match="did not learn"):  # random labels: only the arithmetic matters here
+        base = cleaner().fit(X, y, validation_mask=mask)
+    row = sum(p.numel() for p in base.module_.parameters()) * 4
+    for kw in (dict(max_memory=3 * row), dict(max_memory=2 * row, spill_dir=str(tmp_path))):
+        with pytest.warns(UserWarning, match="did not learn"):
+            other = cleaner(**kw).fit(X, y, validation_mask=mask)
+        scale = np.nanmax(np.abs(base.class_contribution_))
+        np.testing.assert_allclose(other.contribution_, base.contribution_, rtol=0, atol=1e-5 * scale)
+        np.testing.assert_allclose(other.class_contribution_, base.class_contribution_, rtol=0, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        (dict(max_memory="1kB"), "cannot hold one checkpoint"),
+        (dict(max_memory="plenty"), "memory size"),
+        (dict(max_memory=1, spill_dir="/nonexistent/dir"), "is not a directory"),
+    ],
+)
+def test_estimator_memory_errors(kw, message):
+    X, y = digits_like()
+    est = cleaner(**kw)
+    with pytest.raises(ValueError, match=message):
+        est.fit(X, y, validation_mask=np.arange(len(y)) >= 45)
+    assert not hasattr(est, "contribution_")
