@@ -46,6 +46,9 @@ from hydraclean.training import plan_trajectory, replay, run_training, step_rng,
 CE = nn.CrossEntropyLoss(reduction="none")
 
 
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
+
+
 @dataclass(frozen=True)
 class Training:
     """One training recipe shared by every method."""
@@ -53,21 +56,34 @@ class Training:
     max_epochs: int
     batch_size: int
     lr: float
-    momentum: float = 0.9
-    weight_decay: float = 0.0
+    momentum: float = 0.9  # SGD's
+    weight_decay: float | None = 0.0  # None: the optimizer's default (AdamW's 1e-2)
     decay: float = 1.0  # learning-rate factor per epoch
+    optimizer: str = "sgd"
+    cosine: bool = False  # cosine annealing to 0 over the run, every batch
 
     def schedule(self):
+        if self.cosine:
+            return "cosine"
         return ExponentialDecay(self.decay) if self.decay < 1 else "constant"
 
     def plan(self, n: int, seed: int, epochs: int | None = None):
-        return plan_trajectory(n, batch_size=self.batch_size, max_epochs=epochs or self.max_epochs, lr=self.lr,
-                               lr_schedule=self.schedule(), momentum=self.momentum, weight_decay=self.weight_decay,
-                               seed=seed)
+        return plan_trajectory(n, batch_size=self.batch_size, max_epochs=epochs or self.max_epochs, seed=seed,
+                               **self.as_params(epochs=False))
 
-    def as_params(self) -> dict:
-        return dict(max_epochs=self.max_epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
-                    weight_decay=self.weight_decay, lr_schedule=self.schedule())
+    def as_params(self, epochs: bool = True) -> dict:
+        """The recipe as HydraLabelCleaner's parameters (``epochs=False``: without epochs and batch size)."""
+        params = dict(optimizer=OPTIMIZERS[self.optimizer], lr=self.lr, momentum=self.momentum,
+                      weight_decay=self.weight_decay, lr_schedule=self.schedule())
+        if epochs:
+            params.update(max_epochs=self.max_epochs, batch_size=self.batch_size)
+        return params
+
+    def describe(self) -> str:
+        """The recipe in words, for the tables."""
+        schedule = ", cosine" if self.cosine else (f" x {self.decay}/epoch" if self.decay < 1 else "")
+        name = "AdamW" if self.optimizer == "adamw" else "SGD"
+        return f"{name}, {self.max_epochs} epochs, batch {self.batch_size}, lr {self.lr}{schedule}"
 
 
 def init_module(make_module: Callable[[], nn.Module], seed: int, device: torch.device | str = "cpu") -> nn.Module:
@@ -237,9 +253,13 @@ def replay_statistics(cleaner) -> tuple[np.ndarray, np.ndarray]:
     self-influence with HYDRA's coefficients). ``c_t < 0``, so the most
     self-influential samples score lowest. ``weighted_loss[i] = sum_t c_t (N /
     b_t) l_i(w_{t-1})``: the training loss along the run with the same weights.
-    Both have shape (n_samples,), NaN for validation rows.
+    Both have shape (n_samples,), NaN for validation rows; all NaN for an
+    optimizer other than SGD, which has no scalar c_t.
     """
     traj = cleaner.trajectory_
+    if not traj.rule.linear:  # c_t is SGD's scalar coefficient: not defined for other optimizers
+        nan = np.full(cleaner.validation_mask_.size, np.nan)
+        return nan, nan.copy()
     X, y = (t.to(cleaner.device_) for t in cleaner._train_data)
     loss = PerSampleLoss(cleaner.module_, cleaner._criterion)
     weights = step_weights(traj)

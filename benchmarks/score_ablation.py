@@ -193,6 +193,9 @@ def evaluate(arrays: dict, noise: np.ndarray) -> dict:
     for name, fn in VARIANTS.items():
         with np.errstate(all="ignore"):
             s = np.asarray(fn(arrays), dtype=np.float64)
+        if np.isnan(s).all():  # a variant this run does not define (self-influence needs SGD's c_t)
+            scores[name] = float("nan")
+            continue
         scores[name] = float(roc_auc_score(noise, -np.nan_to_num(s, nan=np.nanmin(s))))
     rules = {}
     for name, fn in AUTO_RULES.items():
@@ -210,13 +213,13 @@ def table(results: dict[str, dict], selection: list[str], key: str) -> str:
     for r in rows:
         if key == "auroc":
             vals = [results[n][key][r] for n in names]
-            cells = [f"{v:.3f}" for v in vals]
+            cells = ["n/a" if np.isnan(v) else f"{v:.3f}" for v in vals]
         else:
             vals = [results[n][key][r]["f1"] for n in names]
             cells = [f"{results[n][key][r]['f1']:.3f} ({results[n][key][r]['count']})" for n in names]
         sel = [v for n, v in zip(names, vals) if n in selection]
         label = f"**{r}**" if r in (DEFAULT_SCORE, DEFAULT_COUNT) else r
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {np.mean(sel):.3f} | {np.min(sel):.3f} |")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {np.nanmean(sel):.3f} | {np.nanmin(sel):.3f} |")
     return "\n".join(lines)
 
 
@@ -237,7 +240,9 @@ def main() -> None:
     cells = {k: len(selection) for k in ("auroc",)}
     text = "\n".join([
         f"AUROC of every score tried, on the {cells['auroc']} selection settings and the held-out ones "
-        f"({', '.join(n for n in order if n in HELD_OUT) or 'none run'}); the default is in bold.",
+        f"({', '.join(n for n in order if n in HELD_OUT) or 'none run'}); the default is in bold. n/a: a variant "
+        "that the run's optimizer does not define (self-influence weights every step by SGD's c_t); means and "
+        "worst values are over the settings that define it.",
         "",
         table(results, selection, "auroc"),
         "",

@@ -12,6 +12,8 @@ Noise kinds:
   boot)), 40% of each paired class flipped to its partner;
 * ``cc``: class-conditional sparse noise from cleanlab's noise-matrix
   generator (average noise 0.3, half the off-diagonal rates zero);
+* ``adamw-...``: the dataset's model trained with AdamW (torch's default weight
+  decay 1e-2) and cosine annealing to 0 over the run, stepped every batch;
 * ``memorise``: digits with an MLP trained until it fits its noisy labels
   (training accuracy >= 0.99), symmetric 0.25; ``memorise-perm``: the same
   model memorising one systematic confusion per class (a random permutation
@@ -51,6 +53,7 @@ class Setting:
     rate: float
     model: str  # "default" (the dataset's model) or "memorise" (an MLP trained to fit its labels)
     title: str
+    recipe: str = "sgd"  # "sgd" (the dataset's recipe) or "adamw" (AdamW with cosine annealing)
 
     def make_noise(self, y: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(y_noisy, noise_mask) for clean labels ``y``."""
@@ -83,6 +86,11 @@ def _settings() -> dict[str, Setting]:
                                              "digits, MLP memorising symmetric noise 0.25")
             out["digits-memorise-perm"] = Setting("digits-memorise-perm", "digits", "permutation", 0.2, "memorise",
                                                   "digits, MLP memorising a systematic confusion 0.2")
+    for dataset, title in (("digits", "digits"), ("fashion", "Fashion-MNIST")):
+        out[f"{dataset}-adamw-sym-0.4"] = Setting(f"{dataset}-adamw-sym-0.4", dataset, "symmetric", 0.4, "default",
+                                                  f"{title}, AdamW + cosine, symmetric noise 0.4", "adamw")
+        out[f"{dataset}-adamw-pairs"] = Setting(f"{dataset}-adamw-pairs", dataset, "pairs", 0.4, "default",
+                                                f"{title}, AdamW + cosine, look-alike pairs 0.4", "adamw")
     out["tabular-cc"] = Setting("tabular-cc", "tabular", "cc", 0.3, "default",
                                 "tabular (held out), class-conditional sparse noise 0.3")
     out["tabular-sym-0.4"] = Setting("tabular-sym-0.4", "tabular", "symmetric", 0.4, "default",
@@ -115,6 +123,9 @@ def load_data(setting: Setting, smoke: bool = False, n_train: int = 10_000, seed
         if setting.model == "memorise":
             make_module: Callable = partial(MLP, 64, 10, hidden=(256,))
             recipe = Training(max_epochs=3 if smoke else 150, batch_size=32, lr=0.05)
+        elif setting.recipe == "adamw":
+            make_module, recipe = SmallCNN, Training(max_epochs=2 if smoke else 15, batch_size=32, lr=3e-3,
+                                                     weight_decay=None, optimizer="adamw", cosine=True)
         else:
             make_module, recipe = SmallCNN, Training(max_epochs=2 if smoke else 15, batch_size=32, lr=0.1, decay=0.8)
         return make_module, recipe, X_tr, y_tr, X_val, y_val, X_test, y_test
@@ -136,5 +147,9 @@ def load_data(setting: Setting, smoke: bool = False, n_train: int = 10_000, seed
     tr = rng.permutation(len(y))[: (500 if smoke else n_train)]
     order = rng.permutation(len(y_te))
     val, test = order[:1000], order[1000:]  # trusted validation from the test split; the rest tests
-    recipe = Training(max_epochs=2 if smoke else 20, batch_size=64, lr=0.01)
+    if setting.recipe == "adamw":
+        recipe = Training(max_epochs=2 if smoke else 10, batch_size=64, lr=1e-3, weight_decay=None, optimizer="adamw",
+                          cosine=True)
+    else:
+        recipe = Training(max_epochs=2 if smoke else 20, batch_size=64, lr=0.01)
     return LeNet5, recipe, X[tr], y[tr], X_te[val], y_te[val], X_te[test], y_te[test]

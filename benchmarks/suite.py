@@ -27,6 +27,7 @@ import platform
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import Meter  # noqa: E402
 from methods import (  # noqa: E402
+    OPTIMIZERS,
     Training,
     cleanlab_scores,
     influence_scores,
@@ -76,7 +78,7 @@ def run_setting(name: str, device: torch.device, seeds: int, smoke: bool, log, p
     log(f"{name}: {k} of {len(y_noisy)} labels flipped")
 
     # one untimed epoch first, so that torch's one-off start-up costs do not land on the baseline
-    train_with_checkpoints(make_module, Xt, yt, Training(1, recipe.batch_size, recipe.lr), seed=0)
+    train_with_checkpoints(make_module, Xt, yt, replace(recipe, max_epochs=1), seed=0)
     with Meter() as plain:
         model, checkpoints, lrs = train_with_checkpoints(make_module, Xt, yt, recipe, seed=0)
     base = {"seconds": plain.seconds, "peak_mib": plain.peak}
@@ -134,8 +136,10 @@ def run_setting(name: str, device: torch.device, seeds: int, smoke: bool, log, p
 
     def accuracy(keep, labels):
         accs = [retrain_accuracy(make_module, X_tr[keep], labels[keep], X_test, y_test, n_steps=n_steps,
-                                 batch_size=recipe.batch_size, lr=recipe.lr, momentum=recipe.momentum,
-                                 total_decay=recipe.decay ** recipe.max_epochs, seed=s, device=device)
+                                 batch_size=recipe.batch_size, optimizer=OPTIMIZERS[recipe.optimizer], lr=recipe.lr,
+                                 momentum=recipe.momentum, weight_decay=recipe.weight_decay,
+                                 total_decay=recipe.decay ** recipe.max_epochs,
+                                 lr_schedule="cosine" if recipe.cosine else None, seed=s, device=device)
                 for s in range(seeds)]
         return float(np.mean(accs)), float(np.std(accs))
 
@@ -162,10 +166,8 @@ def markdown(results: list[dict], header: str) -> str:
             "time x plain", "peak MiB"]
     out = [header]
     for res in results:
-        r0 = res["recipe"]
-        decay = f" x {r0['decay']}/epoch" if r0["decay"] < 1 else ""
         out += ["", f"**{res['title']}** ({res['n_flipped']} of {res['n_train']} labels flipped; {res['model']}, "
-                f"{r0['max_epochs']} epochs, batch {r0['batch_size']}, lr {r0['lr']}{decay}; "
+                f"{Training(**res['recipe']).describe()}; "
                 f"final training accuracy {res['ablation']['train_accuracy']:.3f}; "
                 f"plain training {res['plain']['seconds']:.1f} s)", "",
                 "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

@@ -80,10 +80,12 @@ def retrain_accuracy(
     *,
     n_steps: int,
     batch_size: int = 64,
-    lr: float = 0.01,
+    optimizer: type = torch.optim.SGD,
+    lr: float | None = 0.01,
     momentum: float = 0.9,
-    weight_decay: float = 0.0,
+    weight_decay: float | None = 0.0,
     total_decay: float = 1.0,
+    lr_schedule: str | None = None,
     seed: int = 0,
     device: str | torch.device = "cpu",
 ) -> float:
@@ -93,8 +95,11 @@ def retrain_accuracy(
     smaller (cleaned) training set gets as many optimizer steps as the full one.
     The learning rate decays smoothly by ``total_decay`` over those steps
     (``lr * total_decay ** (t / n_steps)`` at step ``t``), so every training-set
-    size follows the same learning-rate curve; 1.0 keeps it constant. ``y`` and
-    ``y_test`` must be integer class codes 0..n_classes-1.
+    size follows the same learning-rate curve; 1.0 keeps it constant. A named
+    ``lr_schedule`` (``"cosine"``) is stretched over the run's own steps
+    instead. ``optimizer``, ``lr`` and ``weight_decay`` as in
+    :func:`hydraclean.training.plan_trajectory`. ``y`` and ``y_test`` must be
+    integer class codes 0..n_classes-1.
     """
     device = torch.device(device)
     steps_per_epoch = -(-len(y) // batch_size)
@@ -102,9 +107,10 @@ def retrain_accuracy(
     with step_rng(seed, torch.device("cpu")):
         module = make_module().to(device)
     dtype = next(module.parameters()).dtype
-    schedule = "constant" if total_decay == 1.0 else _PerStepDecay(float(total_decay), steps_per_epoch, n_steps)
-    traj = plan_trajectory(len(y), batch_size=batch_size, max_epochs=epochs, lr=lr, lr_schedule=schedule,
-                           momentum=momentum, weight_decay=weight_decay, seed=seed)
+    schedule = lr_schedule or (
+        "constant" if total_decay == 1.0 else _PerStepDecay(float(total_decay), steps_per_epoch, n_steps))
+    traj = plan_trajectory(len(y), batch_size=batch_size, max_epochs=epochs, optimizer=optimizer, lr=lr,
+                           lr_schedule=schedule, momentum=momentum, weight_decay=weight_decay, seed=seed)
     criterion = nn.CrossEntropyLoss(reduction="none")
     to = lambda a, dt: torch.as_tensor(np.asarray(a), dtype=dt, device=device)  # noqa: E731
     model, _, _ = train(module, to(X, dtype), to(y, torch.long), criterion, traj)
