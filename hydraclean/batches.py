@@ -8,9 +8,11 @@ replay) asks for the inputs of those samples here:
 - :class:`DatasetInputs`, a map-style ``torch.utils.data.Dataset``: the
   recorded batches are loaded by index through one ``DataLoader`` per pass
   (worker processes, pinned memory for a GPU), so the whole set is never in
-  memory. A random transform inside the dataset draws from a generator
-  seeded by :func:`sample_seed` of the step's seed and the sample's index,
-  so every pass over step ``t`` sees the same augmented inputs.
+  memory. A random transform inside the dataset draws from generators
+  (torch's, Python's ``random``, numpy's global one) seeded by
+  :func:`sample_seed` of the step's seed and the sample's index, so every
+  pass over step ``t`` sees the same augmented inputs; the caller's generator
+  states are restored.
 
 Labels never come from here: they are the checked label codes, a tensor ``y``
 on the device, indexed by the same ``idx``.
@@ -51,7 +53,8 @@ class _SeededItems(Dataset):
     """``dataset[i]``'s input, drawn under :func:`sample_seed` for keys ``(step_seed, i)``.
 
     Seeds torch's default generator and Python's ``random`` (torchvision's
-    transforms draw from them) and restores both afterwards.
+    transforms draw from them) and numpy's global generator (hand-written
+    augmentation often does), and restores all three afterwards.
     """
 
     def __init__(self, dataset: Dataset) -> None:
@@ -65,17 +68,19 @@ class _SeededItems(Dataset):
 
     def __getitems__(self, keys: list[tuple[int, int]]) -> list[torch.Tensor]:
         """A batch's inputs (the DataLoader's batched fetch): the generators are saved and restored once."""
-        state = random.getstate()
+        state, np_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
             try:
                 return [self._draw(step_seed, i) for step_seed, i in keys]
             finally:
                 random.setstate(state)
+                np.random.set_state(np_state)
 
     def _draw(self, step_seed: int, i: int) -> torch.Tensor:
         seed = sample_seed(step_seed, i)
         torch.default_generator.manual_seed(seed)
         random.seed(seed)
+        np.random.seed(seed % 2**32)
         item = self.dataset[i]
         return torch.as_tensor(item[0] if isinstance(item, (tuple, list)) else item)
 

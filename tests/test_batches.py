@@ -1,5 +1,7 @@
 """Dataset input: the recorded batches loaded by index, random transforms reproduced in every pass."""
 
+import random
+
 import numpy as np
 import pytest
 import torch
@@ -18,19 +20,25 @@ pytestmark = pytest.mark.filterwarnings("ignore:The trained model did not learn"
 
 
 class Augmented(Dataset):
-    """Images with a random flip and random noise drawn from torch's default generator, plus a label."""
+    """Images with a random flip and random noise, plus a label; drawn from torch's default generator, Python's
+    ``random`` or numpy's global generator, as augmentation code does."""
 
-    def __init__(self, X, y):
-        self.X, self.y = X, y
+    def __init__(self, X, y, source="torch"):
+        self.X, self.y, self.source = X, y, source
 
     def __len__(self):
         return len(self.y)
 
     def __getitem__(self, i):
         x = self.X[i]
-        if torch.rand(()) < 0.5:
-            x = x.flip(-1)
-        return x + 0.1 * torch.randn(x.shape, dtype=x.dtype), int(self.y[i])
+        if self.source == "torch":
+            flip, noise = torch.rand(()) < 0.5, torch.randn(x.shape, dtype=x.dtype)
+        elif self.source == "python":
+            flip = random.random() < 0.5
+            noise = torch.tensor([random.gauss(0.0, 1.0) for _ in range(x.numel())], dtype=x.dtype).reshape(x.shape)
+        else:
+            flip, noise = np.random.rand() < 0.5, torch.as_tensor(np.random.randn(*x.shape), dtype=x.dtype)
+        return (x.flip(-1) if flip else x) + 0.1 * noise, int(self.y[i])
 
 
 def images(n=12, seed=0, dtype=torch.float64):
@@ -38,24 +46,34 @@ def images(n=12, seed=0, dtype=torch.float64):
     return torch.randn(n, 1, 6, 6, generator=g, dtype=dtype), torch.arange(n) % 3
 
 
-def test_sample_seeds_depend_on_the_step_and_the_index_only():
+SOURCES = ["torch", "python", "numpy"]
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_sample_seeds_depend_on_the_step_and_the_index_only(source):
     assert sample_seed(5, 7) == sample_seed(5, 7)
     seeds = {sample_seed(s, i) for s in range(50) for i in range(50)}
     assert len(seeds) == 2500 and all(0 <= x < 2**63 for x in seeds)
-    items = _SeededItems(Augmented(*images()))
+    items = _SeededItems(Augmented(*images(), source))
     torch.manual_seed(0)
-    before = torch.random.get_rng_state()
+    random.seed(1)
+    np.random.seed(2)
+    before = torch.random.get_rng_state(), random.getstate(), np.random.get_state()
     assert torch.equal(items[(3, 4)], items[(3, 4)])
     assert not torch.equal(items[(3, 4)], items[(4, 4)])
-    assert torch.equal(torch.random.get_rng_state(), before)  # the caller's generator is left alone
+    # the caller's generators are left alone
+    assert torch.equal(torch.random.get_rng_state(), before[0]) and random.getstate() == before[1]
+    assert all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), before[2]))
 
 
+@pytest.mark.parametrize("source", SOURCES)
 @pytest.mark.parametrize("max_memory", [10**9, 3000], ids=["training factors", "checkpoints"])
-def test_augmented_contributions_equal_the_recurrence_on_the_materialised_batches(max_memory):
-    """Training and every later pass see the augmented inputs of each step: checked against batches built apart."""
+def test_augmented_contributions_equal_the_recurrence_on_the_materialised_batches(max_memory, source):
+    """Training and every later pass see the augmented inputs of each step: checked against batches built apart,
+    whichever generator the augmentation draws from."""
     X, y = images()
     Xv, yv = images(6, seed=1)
-    dataset = Augmented(X, y)
+    dataset = Augmented(X, y, source)
     traj = plan_trajectory(len(y), batch_size=4, max_epochs=2, lr=0.1, lr_schedule="constant", momentum=0.9,
                            weight_decay=0.01, seed=0)
     items = _SeededItems(dataset)

@@ -28,9 +28,10 @@ def mlp():
     return nn.Sequential(nn.Linear(64, 24), nn.ReLU(), nn.Linear(24, 10))
 
 
-def cleaner(strategy, **kw):
-    # 240 training rows at batch 32: the last batch of each epoch (16 rows) splits 8 / 8
-    return HydraLabelCleaner(mlp, strategy=strategy, n_val_features=30, max_epochs=3, batch_size=32, lr=0.05,
+def cleaner(strategy, batch_size=32, **kw):
+    # 240 training rows at batch 32: the last batch of each epoch (16 rows) splits 8 / 8; at batch 31 every
+    # batch splits unevenly (16 / 15, and the last 12 / 11)
+    return HydraLabelCleaner(mlp, strategy=strategy, n_val_features=30, max_epochs=3, batch_size=batch_size, lr=0.05,
                              random_state=0, **kw)
 
 
@@ -38,14 +39,16 @@ def fit(cleaner_, X, y):
     return cleaner_.fit(X, y, validation_mask=np.arange(len(y)) >= 240)
 
 
-def _rank(rank, world, port, out, strategy):
+def _rank(rank, world, port, out, strategy, batch_size):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        fitted = fit(cleaner(strategy), *data())
+        fitted = fit(cleaner(strategy, batch_size), *data())
         explained = fitted.explain(*(a[240:245] for a in data()), k=2).contribution_matrix
+        history = np.array([fitted.history_[k] for k in sorted(fitted.history_)])
         np.savez(os.path.join(out, f"rank{rank}.npz"), explained=explained, issues=fitted.label_issues_,
+                 history=history,
                  **{name: getattr(fitted, name) for name in ATTRIBUTES if getattr(fitted, name) is not None})
     finally:
         dist.barrier()  # no rank tears the group down while another still talks to it
@@ -59,11 +62,16 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("strategy", ["drop", "cluster"])
-def test_two_gloo_processes_give_the_single_process_fit(strategy, tmp_path):
-    mp.spawn(_rank, args=(2, free_port(), str(tmp_path), strategy), nprocs=2, join=True)
+@pytest.mark.parametrize("strategy,batch_size", [("drop", 32), ("cluster", 32), ("drop", 31)],
+                         ids=["drop", "cluster", "drop, uneven split"])
+def test_two_gloo_processes_give_the_single_process_fit(strategy, batch_size, tmp_path):
+    mp.spawn(_rank, args=(2, free_port(), str(tmp_path), strategy, batch_size), nprocs=2, join=True)
     ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(2)]
-    single = fit(cleaner(strategy), *data())
+    single = fit(cleaner(strategy, batch_size), *data())
+    # history_: the same on every rank, and the single process's (the losses summed in another order)
+    history = np.array([single.history_[k] for k in sorted(single.history_)])
+    np.testing.assert_array_equal(ranks[1]["history"], ranks[0]["history"])
+    np.testing.assert_allclose(ranks[0]["history"], history, rtol=1e-6)
     for name in ATTRIBUTES:
         expected = getattr(single, name)
         if expected is None:

@@ -59,9 +59,14 @@ def test_layer_factors_sum_linear_gradients_over_positions():
     assert ref.relative_error(P, brute(module, xb, yb, V)) < 1e-12
 
 
-def test_ghost_products_equal_validation_gradient_directions():
-    """Directions that are validation samples' own eval-mode gradients: ghost products for Linear layers."""
+@pytest.mark.parametrize("bias", [True, False])
+def test_ghost_products_equal_validation_gradient_directions(bias):
+    """Directions that are validation samples' own eval-mode gradients: ghost products for Linear layers,
+    with and without bias (whose "+ 1" in (a_i . a_j + 1) is the bias's own product)."""
     module = ref.tiny_conv_net().train()
+    if not bias:
+        for layer in (module[6], module[8]):
+            layer.bias = None
     xb, yb = batch((1, 6, 6))
     X_rows, y_rows = batch((1, 6, 6), n=4, seed=3)
     w = ref.flat_params(module)

@@ -149,3 +149,34 @@ def test_each_score_names_what_it_reads():
     assert scoring.class_harm.needs == scoring.class_min.needs == {"class_contribution"}
     assert scoring.combined.needs == {"class_contribution", "trajectory"}
     assert all(hasattr(score, "needs") for score in scoring.SCORES.values())
+
+
+def test_flag_lowest_breaks_many_ties_by_position():
+    """A long array with large blocks of ties: an unstable sort (numpy's default beyond a few entries) would
+    pick tied rows out of order."""
+    rng = np.random.RandomState(0)
+    scores = rng.randint(0, 3, size=20_000).astype(float)  # three values, thousands of ties each
+    scores[rng.rand(20_000) < 0.01] = np.nan
+    zeros, ones = np.flatnonzero(scores == 0), np.flatnonzero(scores == 1)
+    count = zeros.size + 1_000  # every 0, then the first thousand of the thousands of tied 1s
+    expected = np.zeros(scores.size, bool)
+    expected[zeros] = True
+    expected[ones[:1_000]] = True
+    assert np.array_equal(flag_lowest(scores, count=count), expected)
+
+
+def test_sign_clusters_leave_unscored_rows_out_of_the_clustering():
+    """Rows without a score (NaN) are never flagged and do not move the split of the scored rows."""
+    rng = np.random.RandomState(1)
+    labels = np.repeat([0, 1], 30)
+    C = rng.randn(60, 12) + np.where(np.arange(60) % 3 == 0, -2.0, 1.0)[:, None]
+    scores = C.mean(1)
+    unscored = np.zeros(60, bool)
+    unscored[::4] = True
+    scores_nan, C_nan = scores.copy(), C.copy()
+    scores_nan[unscored] = np.nan
+    C_nan[unscored] = np.where(rng.rand(unscored.sum(), 12) < 0.5, -5.0, 5.0)  # signs that would pull a split
+    flagged = flag_sign_clusters(C_nan, labels, scores_nan)
+    assert not flagged[unscored].any()
+    alone = flag_sign_clusters(C[~unscored], labels[~unscored], scores[~unscored])
+    assert np.array_equal(flagged[~unscored], alone)
