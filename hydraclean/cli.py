@@ -22,10 +22,17 @@ from .evaluation import detection_metrics, retrain_accuracy
 from .models import MLP, LeNet5, SmallCNN
 from .schedules import ExponentialDecay
 from .scoring import SCORES
+from .training import LearningShortfallWarning
 
 __all__ = ["main"]
 
 _OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+EXIT_OK, EXIT_BAD_INPUT, EXIT_DID_NOT_LEARN, EXIT_INTERRUPTED = 0, 2, 3, 130
+EXIT_CODES = (
+    "exit status: 0 the cleaned file and the report were written; 2 bad arguments or input (nothing written); "
+    "3 the model did not learn, so its scores mean nothing (nothing written; --write-anyway writes them); "
+    "130 interrupted (Ctrl-C; with --checkpoint-dir the run is saved there, and the same command resumes it)."
+)
 
 
 def _table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
@@ -241,7 +248,7 @@ def run_clean(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay,
         lr_schedule=ExponentialDecay(args.lr_decay) if args.lr_decay < 1 else "constant",
         validation_fraction=args.validation_fraction, device=args.device, random_state=args.seed,
-        verbose=args.verbose,
+        verbose=args.verbose, checkpoint_dir=args.checkpoint_dir, keep_checkpoint=args.keep_checkpoint,
     )
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
@@ -249,6 +256,10 @@ def run_clean(args: argparse.Namespace) -> int:
         cleaner.fit(X_in, y, X_val=X_val_in, y_val=y_val)
     for w in caught:
         print(f"hydraclean: warning: {w.message}", file=sys.stderr)
+    if not args.write_anyway and any(issubclass(w.category, LearningShortfallWarning) for w in caught):
+        print(f"hydraclean clean: nothing written: the model did not learn (see the warning above); fix the "
+              f"training (--standardize, --epochs, --lr) or pass --write-anyway.", file=sys.stderr)
+        return EXIT_DID_NOT_LEARN
     keep = cleaner.support_
     if kind == ".npz":
         kept = {"X": X[keep], "y": y[keep]}
@@ -260,17 +271,24 @@ def run_clean(args: argparse.Namespace) -> int:
             writer = csv.writer(f)
             writer.writerow(header)
             writer.writerows(r for r, k in zip(rows, keep) if k)
+    n, k = len(y), len(cleaner.classes_)
+
+    def cells(values, width):  # a score without hypergradient leaves the contributions out: empty cells
+        return [[""] * width] * n if values is None else [[repr(float(v)) for v in np.atleast_1d(r)] for r in values]
+
+    columns = zip(cells(cleaner.label_quality_, 1), cells(cleaner.contribution_, 1),
+                  cells(cleaner.class_contribution_, k))
+    suggested = [""] * n if cleaner.suggested_label_ is None else cleaner.suggested_label_
     with open(report, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["row", "label", "flagged", "suggested_label", "label_quality", "contribution"]
                         + [f"class_contribution_{c}" for c in cleaner.classes_])
-        for i in range(len(y)):
-            numbers = [cleaner.label_quality_[i], cleaner.contribution_[i], *cleaner.class_contribution_[i]]
-            writer.writerow([i, y[i], int(cleaner.label_issues_[i]), cleaner.suggested_label_[i]]
-                            + [repr(float(v)) for v in numbers])
+        for i, (quality, contribution, by_class) in enumerate(columns):
+            writer.writerow([i, y[i], int(cleaner.label_issues_[i]), suggested[i], *quality, *contribution,
+                             *by_class])
     print(f"flagged {int(cleaner.label_issues_.sum())} of {len(y)} rows in {time.perf_counter() - t0:.1f} s; "
           f"wrote {out} ({int(keep.sum())} rows) and {report}")
-    return 0
+    return EXIT_OK
 
 
 def _fraction_or_auto(text: str) -> float | str:
@@ -305,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
         "per-sample report (row, label, flagged, suggested_label, label_quality, contribution and one "
         "class_contribution_<class> column per class). An .npz file holds arrays X and y "
         "and optionally a trusted X_val, y_val; a .csv file has a header, one label column and numeric features.",
+        epilog=EXIT_CODES,
     )
     clean.add_argument("input", help="input .npz or .csv file")
     clean.add_argument("-o", "--output", required=True, help="cleaned output file, same format as the input")
@@ -337,6 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="held out when no validation set is given (default 0.1)")
     clean.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     clean.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    clean.add_argument("--checkpoint-dir", help="save the run there at every epoch and on Ctrl-C; the same command "
+                       "then resumes it (removed after success unless --keep-checkpoint)")
+    clean.add_argument("--keep-checkpoint", action="store_true", help="keep the checkpoint after success")
+    clean.add_argument("--write-anyway", action="store_true",
+                       help="write the output even when the model did not learn (exit status 0, not 3)")
     clean.add_argument("-v", "--verbose", action="count", default=0, help="progress bars")
     return parser
 
@@ -352,7 +376,12 @@ def main(argv: list[str] | None = None) -> int:
         return run_clean(args)
     except (CLIError, ValueError, TypeError) as exc:
         print(f"hydraclean clean: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        where = (f"the run is saved in {args.checkpoint_dir}: run the same command again to resume"
+                 if args.checkpoint_dir else "nothing was saved (--checkpoint-dir keeps a run that can resume)")
+        print(f"hydraclean clean: interrupted; {where}.", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ are the class means of ``C(i, j)``, and ``C(i) = sum_c (n_c / n_val) C(i, c)``.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from .batches import Inputs
+from .checkpoint import Checkpoints
 from .distributed import Shard
 from .gradients import (
     class_validation_gradients,
@@ -35,7 +37,7 @@ from .gradients import (
     validation_gradients,
 )
 from .routes import plan_route
-from .training import Progress, Trajectory, train
+from .training import Progress, SampleTrace, Trajectory, train
 
 __all__ = [
     "Explanation",
@@ -107,6 +109,7 @@ def fit_contributions(
     progress: Progress | None = None,
     max_memory: int = 10**9,
     spill_dir: str | None = None,
+    checkpoint: Checkpoints | None = None,
 ) -> HydraResult:
     """Train along ``trajectory`` and score every training sample against the validation set.
 
@@ -152,6 +155,10 @@ def fit_contributions(
     spill_dir : str, optional
         Directory for a memory-mapped file of the run's gradients when they
         do not fit in ``max_memory``.
+    checkpoint : Checkpoints, optional
+        Saves the run as it goes (:mod:`hydraclean.checkpoint`), once more
+        when training is over, and continues a saved one: at its step, or at
+        scoring when its training was over.
 
     Returns
     -------
@@ -160,21 +167,39 @@ def fit_contributions(
     Raises
     ------
     ValueError
-        When ``max_memory`` cannot hold what scoring needs and there is no
-        ``spill_dir``, or for ``hessian="exact"`` in a data-parallel run.
+        Before training: when ``max_memory`` cannot hold what scoring needs
+        from the run and there is no ``spill_dir``, when that with the
+        validation directions and the results is more than the device has
+        free, or for ``hessian="exact"`` in a data-parallel run.
     """
     n = y.shape[0]
     if hessian == "exact" and trajectory.shard is not None:
         raise ValueError("hessian='exact' runs in one process: pass distributed=False (or hessian='free').")
+    if n_classes is None:
+        n_classes = int(max(y.max(), y_val.max())) + 1
     route = None
     if contributions:
         route = plan_route(module, criterion, X, y, trajectory, hessian=hessian, max_memory=max_memory,
                            spill_dir=spill_dir)
     try:
-        model, history, trace = train(module, X, y, criterion, trajectory, recorder=route,
-                                      validation=(X_val, y_val), progress=progress)
-        if n_classes is None:
-            n_classes = int(max(y.max(), y_val.max())) + 1
+        if route is not None:
+            n_directions = (n_classes + 1 if classes else 1) + (0 if val_rows is None else len(val_rows))
+            _preflight(route, module, n, n_directions, y.device)
+        saved = None if checkpoint is None else checkpoint.load()
+        if saved is not None and saved["stage"] == "trained":  # training was over: score
+            model = copy.deepcopy(module)
+            model.load_state_dict(saved["model"])
+            trajectory.initial_state, history = saved["initial_state"], saved["history"]
+            trace = SampleTrace(*(t.to(y.device) for t in saved["trace"]))
+            if route is not None:
+                route.load_state_dict(saved["recorder"])
+        else:
+            model, history, trace = train(module, X, y, criterion, trajectory, recorder=route,
+                                          validation=(X_val, y_val), progress=progress, checkpoint=checkpoint)
+            if checkpoint is not None:
+                checkpoint.save({"stage": "trained", "model": model.state_dict(), "history": history,
+                                 "initial_state": trajectory.initial_state, "trace": [trace.loss, trace.proba],
+                                 "recorder": {} if route is None else route.state_dict()})
         scores = by_class = matrix = contribution = None
         if route is not None:
             route.finish()  # frees what training left (the summed output gradients) before the directions take memory
@@ -192,6 +217,35 @@ def fit_contributions(
             route.close()
     return HydraResult(model, history, trajectory, contribution, by_class, matrix,
                        trace.loss.double().cpu().numpy(), trace.proba.double().cpu().numpy())
+
+
+def _preflight(route, module: nn.Module, n_samples: int, n_directions: int, device: torch.device) -> None:
+    """Refuse, before training, a fit that could not hold what it needs on its device: what the route keeps
+    from the run (within max_memory), the validation directions (K x n_params) and the results (N x K, on the
+    device and in float64)."""
+    ref = next(p for p in module.parameters() if p.requires_grad)
+    n_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    directions = n_directions * n_params * ref.element_size()
+    results = n_samples * n_directions * (ref.element_size() + 8)
+    mb = lambda b: f"{b / 1e6:,.0f} MB"  # noqa: E731
+    total, free = route.nbytes + directions + results, _free_memory(device)
+    if free is not None and total > free:
+        raise ValueError(
+            f"The fit would hold about {mb(total)} on {device} ({mb(route.nbytes)} kept from the run, "
+            f"{mb(directions)} of validation directions, {mb(results)} of results), but {mb(free)} are free "
+            "there. Lower max_memory (what is kept from the run), n_val_features, or free memory on the device."
+        )
+
+
+def _free_memory(device: torch.device) -> int | None:
+    """Bytes free on ``device``: CUDA's own count, or MemAvailable on Linux for the CPU; None when unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None
 
 
 def _directions(model: nn.Module, X_val: torch.Tensor, y_val: torch.Tensor, criterion: nn.Module, n_classes: int,

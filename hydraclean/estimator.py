@@ -23,6 +23,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
+from .checkpoint import Checkpoints, describe, digest
 from .cleaning import estimate_issue_count, flag_lowest, flag_sign_clusters
 from .contribution import (
     Explanation,
@@ -46,7 +47,7 @@ from .data import (
     select_rows,
 )
 from .run_store import parse_bytes
-from .training import learning_shortfall, plan_trajectory, replay, step_rng
+from .training import LearningShortfallWarning, learning_shortfall, plan_trajectory, replay, step_rng
 
 __all__ = ["HydraLabelCleaner", "HydraSampler"]
 
@@ -122,6 +123,8 @@ class _HydraBase(BaseEstimator):
         "autocast": [StrOptions({"bfloat16", "float16"}), None],
         "max_memory": [Interval(Integral, 1, None, closed="left"), str],
         "spill_dir": [str, os.PathLike, None],
+        "checkpoint_dir": [str, os.PathLike, None],
+        "keep_checkpoint": ["boolean"],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
     }
@@ -151,6 +154,8 @@ class _HydraBase(BaseEstimator):
         autocast: str | None = None,
         max_memory: int | str = "1GB",
         spill_dir: str | os.PathLike | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        keep_checkpoint: bool = False,
         random_state=None,
         verbose: int = 0,
         **kwargs,
@@ -177,6 +182,8 @@ class _HydraBase(BaseEstimator):
         self.autocast = autocast
         self.max_memory = max_memory
         self.spill_dir = spill_dir
+        self.checkpoint_dir = checkpoint_dir
+        self.keep_checkpoint = keep_checkpoint
         self.random_state = random_state
         self.verbose = verbose
         for key, value in kwargs.items():  # checked in fit, as every parameter is
@@ -471,6 +478,12 @@ class _HydraBase(BaseEstimator):
             shard=shard,
         )
         needs = self._needs()
+        checkpoint = None
+        if self.checkpoint_dir is not None:
+            if shard is not None:
+                raise ValueError("checkpoint_dir is not supported in a data-parallel fit yet: pass distributed=False, "
+                                 "or checkpoint_dir=None.")
+            checkpoint = Checkpoints(self.checkpoint_dir, self._fingerprint(data, module))
         result = fit_contributions(
             module,
             Xt,
@@ -487,7 +500,10 @@ class _HydraBase(BaseEstimator):
             progress=self._progress(),
             max_memory=max_memory,
             spill_dir=self.spill_dir,
+            checkpoint=checkpoint,
         )
+        if checkpoint is not None and not self.keep_checkpoint:
+            checkpoint.clear()
         run = {"device_": device, "val_feature_indices_": val_rows, "_criterion": criterion,
                "_train_data": (data.X_train if isinstance(Xt, DatasetInputs) else Xt.cpu(), yt.cpu())}
         return result, run
@@ -498,7 +514,7 @@ class _HydraBase(BaseEstimator):
         train_rows = np.flatnonzero(~data.val_mask)
         shortfall = learning_shortfall(result.history, data.y_val)
         if shortfall:
-            warnings.warn(shortfall, UserWarning, stacklevel=4)
+            warnings.warn(shortfall, LearningShortfallWarning, stacklevel=4)
 
         def per_row(values: np.ndarray | None) -> np.ndarray | None:
             """Training-row values laid out over the rows of X, NaN for validation rows."""
@@ -593,6 +609,20 @@ class _HydraBase(BaseEstimator):
                 "losses: construct it with reduction='none'."
             )
         return self.criterion
+
+    def _fingerprint(self, data: _Inputs, module: nn.Module) -> dict[str, str]:
+        """What a checkpoint of this fit depends on: the data, the initial module and every parameter that
+        changes the run (progress bars, workers and where checkpoints go do not)."""
+        ignored = {"verbose", "num_workers", "checkpoint_dir", "keep_checkpoint", "spill_dir"}
+        X = data.X_train
+        inputs = (f"{type(X).__qualname__} of {len(X)}: " + digest(materialize(X, [0, len(X) // 2, len(X) - 1]))
+                  if is_dataset(X) else digest(X))  # a Dataset: its length and three items
+        parts = {"X": inputs, "y": digest(data.y_train, data.classes), "validation": digest(data.X_val, data.y_val),
+                 "module": describe(module), "device": str(next(module.parameters()).device),
+                 "torch": str(torch.__version__)}
+        parts.update({f"parameter {k}": describe(v) for k, v in self.get_params(deep=False).items()
+                      if k not in ignored and k != "module"})
+        return parts
 
     def _needs(self) -> frozenset[str]:
         """What this fit must compute: the score's inputs, and the class-resolved contributions for the
@@ -819,8 +849,20 @@ class HydraLabelCleaner(TransformerMixin, _HydraBase):
         ``spill_dir``, the weights go to disk. ``hessian="exact"`` does not
         use it.
     spill_dir : str or path-like, default=None
-        Directory for a temporary memory-mapped file of the weights when
-        they do not fit in ``max_memory`` (deleted after scoring).
+        Directory for a temporary memory-mapped file of the run's gradients
+        when they do not fit in ``max_memory`` (deleted after scoring).
+    checkpoint_dir : str or path-like, default=None
+        Folder where the fit saves everything needed to continue, at the end
+        of every epoch, when interrupted (Ctrl-C finishes the step under way,
+        saves, and raises ``KeyboardInterrupt``; the estimator is left as it
+        was) and when training is over. ``fit`` with the same data and
+        parameters continues from the last saved point, with the results of
+        an uninterrupted fit (bit for bit on CPU); a checkpoint from other
+        data or parameters is refused. See the user guide's "Long runs".
+    keep_checkpoint : bool, default=False
+        Keep the checkpoint after a successful fit (by default it is
+        removed); a later ``fit`` with the same data and parameters then only
+        scores.
     random_state : int, RandomState instance or None, default=None
         Seeds the batch order, dropout masks, a callable module's
         initialisation, the validation split, validation features and

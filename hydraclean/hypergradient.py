@@ -249,6 +249,14 @@ class ExactTracker:
     def detach(self) -> None:
         """Nothing to unhook."""
 
+    def state_dict(self) -> dict:
+        return {"nabla": self.nabla, "tangent_state": None if self.tangent_state is None else list(self.tangent_state)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.nabla = state["nabla"].to(self.nabla.device)
+        if state["tangent_state"] is not None:
+            self.tangent_state = tuple(s.to(self.nabla.device) for s in state["tangent_state"])
+
     def record(self, step: Step) -> None:
         traj = self.trajectory
         if self.tangent_state is None:

@@ -430,6 +430,7 @@ class TrainingFactors:
         self.index = torch.empty(rows, dtype=torch.long, device=device)
         self.nbytes = self.footprint(shapes, trajectory, torch.empty(0, dtype=dtype).element_size())
         self.capture = LayerCapture()
+        self.layers = _trainable_layers(module)  # their shapes and strides (the architecture's)
 
     @classmethod
     def plan(cls, module: nn.Module, criterion: nn.Module, x_probe: torch.Tensor, trajectory: Trajectory,
@@ -475,7 +476,7 @@ class TrainingFactors:
             elif kind != "linear":  # in the buffer's dtype, also under autocast
                 dtype = self.conv_sum.dtype
                 self.conv_sum[:, self.conv_columns[k]].index_add_(
-                    0, idx, _conv_sample_gradients(self.capture.layers[k], a.to(dtype), g.to(dtype)), alpha=weight)
+                    0, idx, _conv_sample_gradients(self.layers[k], a.to(dtype), g.to(dtype)), alpha=weight)
             else:
                 self.inputs[k][start : start + b] = a
                 delta = self.deltas[k][start : start + b]
@@ -494,8 +495,21 @@ class TrainingFactors:
             for start in range(0, sums.shape[0], 128):  # a chunk's unfolded inputs stay in cache (LeNet-5: 10 MB)
                 rows = slice(start, start + 128)
                 self.conv_sum[rows, self.conv_columns[k]] += _conv_sample_gradients(
-                    self.capture.layers[k], self.data[rows].to(sums.dtype), sums[rows])
+                    self.layers[k], self.data[rows].to(sums.dtype), sums[rows])
         self.output_sums = {}
+
+    def state_dict(self) -> dict:
+        return {"conv_sum": self.conv_sum, "output_sums": self.output_sums, "inputs": self.inputs,
+                "deltas": self.deltas, "index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, value in state.items():
+            current = getattr(self, name)
+            if isinstance(current, dict):
+                for k, tensor in value.items():
+                    current[k].copy_(tensor)
+            elif current is not None:
+                current.copy_(value)
 
     def project(self, directions: torch.Tensor, rows: tuple[nn.Module, torch.Tensor, torch.Tensor] | None = None,
                 progress=None, chunk: int = 8192) -> torch.Tensor:
@@ -557,6 +571,7 @@ class StepFactors:
         self.index = torch.empty(rows, dtype=torch.long, device=device)
         self.nbytes = self.footprint(shapes, trajectory, torch.empty(0, dtype=dtype).element_size()) + store.nbytes
         self.capture = LayerCapture()
+        self.layers = _trainable_layers(module)
 
     @classmethod
     def plan(cls, module: nn.Module, criterion: nn.Module, x_probe: torch.Tensor, trajectory: Trajectory,
@@ -602,7 +617,7 @@ class StepFactors:
             else:
                 dtype = self.conv_grads.dtype
                 self.conv_grads[start : start + b, column : column + sizes[0]] = _conv_sample_gradients(
-                    self.capture.layers[k], a.to(dtype), g.to(dtype) * scale)
+                    self.layers[k], a.to(dtype), g.to(dtype) * scale)
                 column += sizes[0]
         self.index[start : start + b] = step.idx
         self.store.record(step)
@@ -612,6 +627,20 @@ class StepFactors:
 
     def finish(self) -> None:
         """Nothing to complete after training."""
+
+    def state_dict(self) -> dict:
+        return {"inputs": self.inputs, "deltas": self.deltas, "conv_grads": self.conv_grads, "index": self.index,
+                "store": self.store.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, tensor in state["inputs"].items():
+            self.inputs[k].copy_(tensor)
+        for k, tensor in state["deltas"].items():
+            self.deltas[k].copy_(tensor)
+        if self.conv_grads is not None:
+            self.conv_grads.copy_(state["conv_grads"])
+        self.index.copy_(state["index"])
+        self.store.load_state_dict(state["store"])
 
     def project(self, directions: torch.Tensor, rows: tuple | None = None, progress=None) -> torch.Tensor:
         """``P[i, k] = <V_k, nabla_{T,i}>`` for every sample, shape (N, K): one backward sweep over the run.

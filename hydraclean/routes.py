@@ -158,6 +158,12 @@ class StoredRun:
     def detach(self) -> None:
         self.store.detach()
 
+    def state_dict(self) -> dict:
+        return self.store.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.store.load_state_dict(state)
+
     def finish(self) -> None:
         """Nothing to complete after training."""
 

@@ -168,6 +168,20 @@ class RunStore:
     def detach(self) -> None:
         """Nothing to unhook."""
 
+    def state_dict(self) -> dict:
+        """The gradients kept so far and the segments' starts (a copy of the spill file's rows, on disk)."""
+        g = None if self._g is None else self._g if isinstance(self._g, torch.Tensor) else torch.from_numpy(
+            np.asarray(self._g))
+        return {"g": g, "marks": [[w, list(state)] for w, state in self._marks]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["g"] is not None:
+            if self.location == "disk":
+                self._g[:] = state["g"].numpy()
+            else:
+                self._g.copy_(state["g"])
+        self._marks = [(w.to(self.device), tuple(s.to(self.device) for s in st)) for w, st in state["marks"]]
+
     # -- walking the run again --------------------------------------------------------------------------
 
     def walk(self, module: nn.Module | None = None, X: Inputs | None = None, y: torch.Tensor | None = None,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -32,6 +31,7 @@ from torch import nn
 from .batches import Inputs, step_inputs
 from .distributed import Shard
 from .gradients import flatten, parameter_dict
+from .checkpoint import Checkpoints
 from .optimizers import State, UpdateRule, make_rule
 from .schedules import resolve_schedule
 
@@ -43,6 +43,7 @@ __all__ = [
     "advance",
     "autocast",
     "evaluate_model",
+    "LearningShortfallWarning",
     "learning_shortfall",
     "plan_trajectory",
     "replay",
@@ -220,6 +221,7 @@ class Recorder(Protocol):
     :meth:`record` at every step after the gradient and before the update
     (the model still holds ``w_{t-1}``), and :meth:`detach` at the end, also
     when training fails. They must not modify the model or the step.
+    :meth:`state_dict` and :meth:`load_state_dict` serve checkpoints only.
     """
 
     def attach(self, model: nn.Module) -> None: ...
@@ -227,6 +229,12 @@ class Recorder(Protocol):
     def record(self, step: Step) -> None: ...
 
     def detach(self) -> None: ...
+
+    def state_dict(self) -> dict:
+        """What the recorder kept so far (tensors, numbers, lists, dicts), for a checkpoint."""
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict`'s result (a resumed run)."""
 
 
 @dataclass
@@ -323,6 +331,8 @@ def run_training(
     on_epoch_end: Callable[[int], None] | None = None,
     progress: Progress | None = None,
     desc: str = "training",
+    checkpoint: Checkpoints | None = None,
+    extra: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, SampleTrace]:
     """Train ``model`` in place along ``trajectory``.
 
@@ -347,6 +357,13 @@ def run_training(
         steps (a progress bar, advanced every step without a host sync).
     desc : str
         Label for the progress bar.
+    checkpoint : Checkpoints, optional
+        Saves the run (with the recorder's state and ``extra``) at the end of
+        every epoch but the last and when interrupted (Ctrl-C: after the step
+        under way, then ``KeyboardInterrupt``); a run it loaded at the
+        ``"training"`` stage continues from its step.
+    extra : dict, optional
+        The caller's state, saved and restored with the run (``train``'s history).
 
     Returns
     -------
@@ -374,17 +391,36 @@ def run_training(
     step_correct = torch.empty(trajectory.n_steps, dtype=torch.int64, device=device)
     sample_loss = torch.zeros(trajectory.n_samples, dtype=dtype, device=device)
     sample_proba = None
-    per_epoch = trajectory.steps_per_epoch
-    epochs = range(trajectory.order.shape[0])
-    steps = step_inputs(X, trajectory)  # one iterator over the run: one DataLoader for a Dataset
+    per_epoch, start = trajectory.steps_per_epoch, 0
+    extra = {} if extra is None else extra
+    saved = None if checkpoint is None else checkpoint.loaded
+    if saved is not None and saved["stage"] == "training":  # continue where the saved run stopped
+        model.load_state_dict(saved["model"])
+        w, state = saved["w"].to(device), tuple(s.to(device) for s in saved["state"])
+        for name, tensor in (("step_loss", step_loss), ("step_correct", step_correct), ("sample_loss", sample_loss)):
+            tensor.copy_(saved[name])
+        sample_proba = saved["sample_proba"].to(device)
+        if recorder is not None:
+            recorder.load_state_dict(saved["recorder"])
+        extra.update(saved["extra"])
+        start = saved["step"]
+
+    def snapshot(t: int) -> dict:
+        """The run after ``t`` steps."""
+        return {"stage": "training", "step": t, "model": model.state_dict(), "w": w, "state": list(state),
+                "step_loss": step_loss, "step_correct": step_correct, "sample_loss": sample_loss,
+                "sample_proba": sample_proba, "recorder": {} if recorder is None else recorder.state_dict(),
+                "extra": extra}
+
+    # one iterator over the run's steps: one DataLoader for a Dataset
+    steps = step_inputs(X, trajectory, range(start, trajectory.n_steps) if start else None)
     if progress is not None:
-        steps = iter(progress(steps, desc, trajectory.n_steps))
+        steps = iter(progress(steps, desc, trajectory.n_steps - start))
     if recorder is not None:
         recorder.attach(model)
     try:
-        for epoch in epochs:
-            first = epoch * per_epoch
-            for t, idx, xb in itertools.islice(steps, per_epoch):
+        with checkpoint.interruptible() if checkpoint is not None else contextlib.nullcontext():
+            for t, idx, xb in steps:
                 yb = y[idx]
                 logits, losses, loss, g = advance(model, params, criterion, trajectory, t, xb, yb)
                 if recorder is not None:
@@ -397,12 +433,19 @@ def run_training(
                 sample_proba.index_add_(0, idx, logits.detach().to(dtype).softmax(1))
                 step_loss[t] = loss.detach()
                 step_correct[t] = (logits.detach().argmax(1) == yb).sum()
-            if trajectory.shard is not None:  # the shares of each step's loss and accuracy, once an epoch
-                trajectory.shard.all_reduce(step_loss[first : first + per_epoch])
-                trajectory.shard.all_reduce(step_correct[first : first + per_epoch])
-            _check_finite(step_loss[first : first + per_epoch], epoch, first, trajectory)
-            if on_epoch_end is not None:
-                on_epoch_end(epoch)
+                if (t + 1) % per_epoch == 0:
+                    epoch, first = divmod(t, per_epoch)[0], t + 1 - per_epoch
+                    if trajectory.shard is not None:  # the shares of each step's loss and accuracy, once an epoch
+                        trajectory.shard.all_reduce(step_loss[first : t + 1])
+                        trajectory.shard.all_reduce(step_correct[first : t + 1])
+                    _check_finite(step_loss[first : t + 1], epoch, first, trajectory)
+                    if on_epoch_end is not None:
+                        on_epoch_end(epoch)
+                    if checkpoint is not None and t + 1 < trajectory.n_steps:
+                        checkpoint.save(snapshot(t + 1))
+                if checkpoint is not None and checkpoint.interrupted:
+                    checkpoint.save(snapshot(t + 1))
+                    raise KeyboardInterrupt
     finally:
         if recorder is not None:
             recorder.detach()
@@ -434,6 +477,7 @@ def train(
     recorder: Recorder | None = None,
     validation: tuple[torch.Tensor, torch.Tensor] | None = None,
     progress: Progress | None = None,
+    checkpoint: Checkpoints | None = None,
 ) -> tuple[nn.Module, dict[str, list[float]], SampleTrace]:
     """Train a copy of ``module`` along ``trajectory`` and record ``w_0``.
 
@@ -441,8 +485,8 @@ def train(
     ----------
     module : nn.Module
         Untouched; its weights are ``w_0``. Must already be on ``y.device``.
-    X, y, criterion, trajectory, recorder, progress
-        As in :func:`run_training`.
+    X, y, criterion, trajectory, recorder, progress, checkpoint
+        As in :func:`run_training` (the history is saved with the run).
     validation : (X_val, y_val), optional
         Evaluated in eval mode after every epoch for the history.
 
@@ -469,7 +513,8 @@ def train(
         model.train()
 
     step_loss, step_correct, trace = run_training(
-        model, X, y, criterion, trajectory, recorder=recorder, on_epoch_end=evaluate, progress=progress
+        model, X, y, criterion, trajectory, recorder=recorder, on_epoch_end=evaluate, progress=progress,
+        checkpoint=checkpoint, extra=history,
     )
     sizes = torch.as_tensor(trajectory.batch_sizes(), device=y.device)
     n_epochs = trajectory.order.shape[0]
@@ -482,6 +527,10 @@ def train(
     if validation is None:
         del history["valid_loss"], history["valid_accuracy"]
     return model, history, trace
+
+
+class LearningShortfallWarning(UserWarning):
+    """The trained model did not learn: its contributions and scores are not meaningful."""
 
 
 def learning_shortfall(history: dict[str, list[float]], y_val: np.ndarray, margin: float = 0.1) -> str | None:

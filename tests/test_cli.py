@@ -71,7 +71,9 @@ def test_clean_drop_fraction_auto_and_scoring(digits_files, capsys):
 def test_clean_csv_round_trip_keeps_rows_verbatim(digits_files, capsys):
     tmp, X, y = digits_files
     out = tmp / "clean.csv"
-    assert main(["clean", str(tmp / "train.csv"), "-o", str(out), "--model", "small-cnn", *FAST]) == 0
+    # two epochs on 30 held-out rows do not learn: --write-anyway, since the round trip is the point here
+    assert main(["clean", str(tmp / "train.csv"), "-o", str(out), "--model", "small-cnn", *FAST,
+                 "--write-anyway"]) == 0
     assert "validation" in capsys.readouterr().err  # no trusted set: held out, with a warning
     src = (tmp / "train.csv").read_text().splitlines()
     dst = out.read_text().splitlines()
@@ -150,3 +152,56 @@ def test_demo_prints_the_detection_table():
     assert {"no cleaning", "HYDRA (defaults)", "HYDRA paper C(i), drop 20%", "HYDRA cluster",
             "true labels (oracle)"} == {r["method"] for r in rows}
     assert all(0.0 <= r["auroc"] <= 1.0 for r in rows if "auroc" in r)
+
+
+def test_a_model_that_did_not_learn_writes_nothing_and_exits_3(digits_files, capsys):
+    """Raw-scale columns without --standardize: the warning's text, exit status 3, no file; --write-anyway
+    writes them with status 0."""
+    tmp, X, y = digits_files
+    raw = tmp / "raw.npz"
+    np.savez(raw, X=X.reshape(len(X), -1) * 1e4 + 5e5, y=y)
+    out = tmp / "raw_clean.npz"
+    assert main(["clean", str(raw), "-o", str(out), "--lr", "1e-9", "--epochs", "1"]) == 3
+    err = capsys.readouterr().err
+    assert "did not learn" in err and "nothing written" in err and "--write-anyway" in err
+    assert not out.exists() and not (tmp / "raw_clean_report.csv").exists()
+    assert main(["clean", str(raw), "-o", str(out), "--lr", "1e-9", "--epochs", "1", "--write-anyway"]) == 0
+    assert out.exists()
+
+
+def test_the_exit_codes_are_in_the_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["clean", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for code in ("0 the cleaned file", "2 bad arguments", "3 the model did not learn", "130 interrupted"):
+        assert code in text
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_ctrl_c_prints_one_line_and_exits_130(digits_files, tmp_path, checkpoint):
+    """SIGINT to a running `hydraclean clean`: one line saying where the run is saved (or that nothing is),
+    exit status 130, nothing written."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    tmp, _, _ = digits_files
+    out = tmp_path / "out.npz"
+    argv = [sys.executable, "-m", "hydraclean.cli", "clean", str(tmp / "train.npz"), "-o", str(out), "--epochs",
+            "60", "--batch-size", "4", "--lr", "0.05"]
+    if checkpoint:
+        argv += ["--checkpoint-dir", str(tmp_path / "ckpt")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    started = tmp_path / "ckpt" / "hydraclean-checkpoint.pt"  # the first epoch is over
+    deadline = time.monotonic() + (120 if checkpoint else 5)  # without one: 5 s in, past start-up, into training
+    while time.monotonic() < deadline and proc.poll() is None and not (checkpoint and started.exists()):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("hydraclean clean: interrupted;") and "Traceback" not in stderr
+    assert (str(tmp_path / "ckpt") in lines[-1]) == checkpoint and not out.exists()
