@@ -110,6 +110,7 @@ def fit_contributions(
     max_memory: int = 10**9,
     spill_dir: str | None = None,
     checkpoint: Checkpoints | None = None,
+    batchnorm: str = "constant",
 ) -> HydraResult:
     """Train along ``trajectory`` and score every training sample against the validation set.
 
@@ -155,6 +156,12 @@ def fit_contributions(
     spill_dir : str, optional
         Directory for a memory-mapped file of the run's gradients when they
         do not fit in ``max_memory``.
+    batchnorm : {"constant", "exact"}, default="constant"
+        For a BatchNorm that normalises with its batch's statistics in
+        training, in the Hessian-free hypergradient: those statistics held
+        constant in each sample's derivative (the layer route), or their
+        dependence on the weights kept (one JVP per direction); see
+        :func:`hydraclean.routes.plan_route`.
     checkpoint : Checkpoints, optional
         Saves the run as it goes (:mod:`hydraclean.checkpoint`), once more
         when training is over, and continues a saved one: at its step, or at
@@ -180,7 +187,7 @@ def fit_contributions(
     route = None
     if contributions:
         route = plan_route(module, criterion, X, y, trajectory, hessian=hessian, max_memory=max_memory,
-                           spill_dir=spill_dir)
+                           spill_dir=spill_dir, batchnorm=batchnorm)
     try:
         if route is not None:
             n_directions = (n_classes + 1 if classes else 1) + (0 if val_rows is None else len(val_rows))
@@ -268,8 +275,8 @@ def _directions(model: nn.Module, X_val: torch.Tensor, y_val: torch.Tensor, crit
         present = present.cpu().numpy()
     else:
         lead, n_present = 1, 0
-        params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        directions = X_val.new_empty(1 + n_rows, params)
+        ref = next(p for p in model.parameters() if p.requires_grad)
+        directions = ref.new_empty(1 + n_rows, sum(p.numel() for p in model.parameters() if p.requires_grad))
     if lead:
         directions[0] = validation_gradients(model, X_val, y_val, criterion)[0]
     if n_rows:

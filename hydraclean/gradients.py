@@ -21,7 +21,9 @@ import warnings
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jacrev, jvp, replace_all_batch_norm_modules_, vmap
+from torch.func import functional_call, grad, jacrev, jvp, vmap
+
+from .modes import set_modes, training_modes
 
 __all__ = [
     "PerSampleLoss",
@@ -70,17 +72,19 @@ def unflatten(flat: torch.Tensor, like: Params) -> Params:
 
 
 def is_sample_separable(module: nn.Module) -> bool:
-    """Whether each sample's train-mode loss depends on that sample alone, deterministically.
+    """Whether each sample's training loss depends on that sample alone, deterministically.
 
-    False when the module holds BatchNorm (batch statistics couple the
-    samples) or Dropout (the step's random mask must be reproduced for the
-    whole batch at once). Separable modules get per-sample gradients by
-    ``vmap(grad)`` in one pass; others by the batch Jacobian, which costs one
-    backward pass per sample in the batch (see :func:`directional_derivatives`
-    for when a JVP per direction replaces it).
+    False when the module holds a BatchNorm or Dropout that runs in train
+    mode during training (batch statistics couple the samples; the step's
+    random mask must be reproduced for the whole batch at once). Separable
+    modules get per-sample gradients by ``vmap(grad)`` in one pass; others by
+    the batch Jacobian, which costs one backward pass per sample in the batch
+    (see :func:`directional_derivatives` for when a JVP per direction
+    replaces it).
     """
     coupled = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
-    return not any(isinstance(m, coupled) for m in module.modules())
+    modes = training_modes(module)
+    return not any(isinstance(m, coupled) and modes[name] for name, m in module.named_modules())
 
 
 def eval_separable(module: nn.Module) -> bool:
@@ -100,20 +104,28 @@ class PerSampleLoss:
     Parameters
     ----------
     module : nn.Module
-        Architecture to evaluate. A private copy is kept in train mode with
-        BatchNorm's running statistics removed, so calls use the batch
-        statistics (as the training step does) and never mutate buffers,
-        which also makes the function safe under ``vmap``.
+        Architecture to evaluate. A private copy is kept in the training run's
+        modes (``modes``, or :func:`hydraclean.modes.training_modes` of
+        ``module``), its train-mode BatchNorms without running statistics,
+        so calls use the batch statistics (as the training step does) and
+        never mutate buffers, which also makes the function safe under
+        ``vmap``.
     criterion : nn.Module
         Loss with ``reduction="none"``.
+    modes : dict of str to bool, optional
+        The training run's modes (``Trajectory.train_modes``).
     """
 
-    def __init__(self, module: nn.Module, criterion: nn.Module) -> None:
-        self.module = copy.deepcopy(module).train()
-        replace_all_batch_norm_modules_(self.module)
+    def __init__(self, module: nn.Module, criterion: nn.Module, modes: dict[str, bool] | None = None) -> None:
+        modes = modes or training_modes(module)
+        self.module = set_modes(copy.deepcopy(module), modes)
+        for m in self.module.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+                m.running_mean = m.running_var = m.num_batches_tracked = None
+                m.track_running_stats = False
         self.buffers = dict(self.module.named_buffers())
         self.criterion = criterion
-        self.separable = is_sample_separable(module)
+        self.separable = is_sample_separable(self.module)
 
     def __call__(self, params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.criterion(functional_call(self.module, (params, self.buffers), (x,)), y)
@@ -288,7 +300,8 @@ def validation_gradients(
         ``grad l_j^val(w_T)`` for each requested row.
     """
     params, batch_loss, per_sample_grad = _eval_losses(model, criterion)
-    total = torch.zeros(sum(p.numel() for p in params.values()), dtype=X.dtype, device=X.device)
+    ref = next(iter(params.values()))  # the weights' dtype: the inputs may be integer token ids
+    total = torch.zeros(sum(p.numel() for p in params.values()), dtype=ref.dtype, device=ref.device)
     for start in range(0, X.shape[0], batch_size):
         total += flatten(grad(batch_loss)(params, X[start : start + batch_size], y[start : start + batch_size]))
     per_sample = None
@@ -325,7 +338,8 @@ def per_sample_validation_gradients(
 
 def _per_sample_rows(per_sample_grad, params, X, y, rows, batch_size, out):
     n_params = sum(p.numel() for p in params.values())
-    per_sample = X.new_empty(len(rows), n_params) if out is None else out
+    ref = next(iter(params.values()))
+    per_sample = ref.new_empty(len(rows), n_params) if out is None else out
     for start in range(0, len(rows), batch_size):  # written in place: no list and no copy of (rows, n_params)
         r = rows[start : start + batch_size]
         per_sample[start : start + len(r)] = per_sample_grad(params, X[r], y[r])
@@ -360,7 +374,8 @@ def class_validation_gradients(
     """
     params, batch_loss, _ = _eval_losses(model, criterion)
     n_params = sum(p.numel() for p in params.values())
-    G = torch.full((n_classes, n_params), float("nan"), dtype=X.dtype, device=X.device)
+    ref = next(iter(params.values()))
+    G = torch.full((n_classes, n_params), float("nan"), dtype=ref.dtype, device=ref.device)
     order = torch.argsort(y, stable=True)
     counts = torch.bincount(y, minlength=n_classes).tolist()  # one host sync for all classes
     start = 0

@@ -1,83 +1,65 @@
-"""Per-step directional derivatives ``<V_k, grad l_i(w)>``, accumulated over a run.
+"""Per-step directional derivatives ``<V_k, grad l_i(w)>``, accumulated over a run, layer by layer.
 
 Scoring adds, at every step ``t`` and for the step's samples ``i``,
-``weight_t * <V_k, grad l_i(w_{t-1})>`` into an (N, K) result. Two projectors
-do that, with the same numbers up to rounding:
+``weight_t * <V_k, grad l_i(w_{t-1})>`` into an (N, K) result. A training step's
+forward and backward passes already compute every layer's inputs and output
+gradients, from which each layer's algebra (:mod:`hydraclean.layers`) gives its
+per-sample gradients or their products with directions, without a per-sample
+backward pass. :func:`probe_layers` decides, on a probe batch, whether that
+holds for a model (every trainable parameter in a layer some class covers, the
+samples independent downstream of each layer) and how each layer's factors are
+shaped. Then:
 
-:class:`FunctionalProjector` works for any module (``torch.func``): one
-forward-mode JVP for one direction, else per-sample gradients times the
-directions, a (b x n_params) by (n_params x K) product every step.
+- :class:`TrainingFactors` (a linear rule, SGD: every step's weight is a scalar
+  known before training) keeps, per layer, the summed per-sample gradients
+  (``N x p_layer``) or each step's factors, from the training steps' own passes;
+- :class:`StepFactors` (other elementwise rules, Adam) keeps each step's factors
+  or per-sample gradients and the run's gradients, and projects in one
+  backward sweep of the update rule;
+- :class:`LayerFactorProjector` computes the same at given weights (a stored
+  run's, walked again);
+- :class:`FunctionalProjector` works for any model by ``torch.func``: one
+  forward-mode JVP per direction, or per-sample gradients times the directions.
 
-:class:`LayerFactorProjector` serves models whose trainable parameters all sit
-in ``nn.Linear`` and ``nn.Conv2d`` layers and whose samples do not interact
-(no BatchNorm). One forward pass records each layer's input ``a_i`` and one
-backward pass to the layer outputs gives ``delta_i = d l_i / d out``; then a
-sample's gradient is ``delta_i a_i'`` (summed over positions) and per layer:
-
-- Linear, a dense direction ``V``: ``<V, delta_i a_i'> = delta_i' V a_i``,
-  ``b K out in`` multiply-adds, with nothing of size b x n_params formed.
-- Linear, a direction that is itself one validation sample's gradient
-  ``delta_j a_j'`` (the rows of ``C(i, j)``): the "ghost" product
-  ``(delta_i . delta_j)(a_i . a_j + 1)``, ``b K (in + out)`` instead of
-  ``b K in out`` (520 against 48,000 per pair for LeNet-5's first fully
-  connected layer).
-- Conv2d: convolutions share weights over positions, so the per-sample
-  gradient is formed (``b out in k^2 P`` multiply-adds, by a strided view and one
-  batched product, or one grouped convolution for large layers) and kept: either
-  summed into each sample's hypergradient restricted to the
-  convolutions (an N x p_conv buffer, when the memory budget holds it; one
-  product with the directions at the end), or multiplied by the directions
-  every step.
+BatchNorm in train mode couples the samples of a batch, so the layer route
+fails the probe for the layers upstream of it; with ``constant_stats`` the
+model is probed, and its factors computed, with the batch statistics held
+constant in the per-sample derivative (:func:`constant_statistics`), an
+approximation the documentation measures against the exact route.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
 from .gradients import PerSampleLoss, directional_derivatives, parameter_dict
 from .hypergradient import free_factors
+from .layers import ConvAlgebra, LayerAlgebra, LinearAlgebra, algebra_for, column_ranges, layers_of
+from .modes import set_modes, training_modes
 from .run_store import RunStore
-from .training import Step, Trajectory, autocast
+from .training import Step, Trajectory, autocast, step_rng
 
 __all__ = [
     "FunctionalProjector",
     "LayerCapture",
     "LayerFactorProjector",
+    "LayerPlan",
     "StepFactors",
     "TrainingFactors",
+    "constant_statistics",
     "make_projector",
     "probe_layers",
-    "supports_layer_factors",
 ]
 
-
-def supports_layer_factors(module: nn.Module) -> bool:
-    """Whether :class:`LayerFactorProjector` can serve ``module``.
-
-    True when no BatchNorm couples the samples and every trainable parameter
-    is the weight or bias of an ``nn.Linear`` or of an ``nn.Conv2d`` with
-    ``groups=1``, zero padding given as numbers. (A layer called twice in one
-    forward pass is detected at the first step, which then falls back.)
-    """
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            return False
-        own = [p for p in m.parameters(recurse=False) if p.requires_grad]
-        if not own:
-            continue
-        if isinstance(m, nn.Conv2d):
-            if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
-                return False
-        elif not isinstance(m, nn.Linear):
-            return False
-    return True
+#: Per-sample gradients of a layer are formed in chunks of samples of at most this many bytes.
+CHUNK_BYTES = 64 * 2**20
 
 
 class FunctionalProjector:
@@ -95,11 +77,13 @@ class FunctionalProjector:
     autocast : torch.dtype, optional
         The training run's ``torch.autocast`` dtype: the forward passes use it
         too, the products are accumulated in the directions' dtype.
+    modes : dict, optional
+        The training run's modes (``Trajectory.train_modes``).
     """
 
     def __init__(self, module: nn.Module, criterion: nn.Module, directions: torch.Tensor, n_samples: int,
-                 autocast: torch.dtype | None = None) -> None:
-        self.loss = PerSampleLoss(module, criterion)
+                 autocast: torch.dtype | None = None, modes: dict | None = None) -> None:
+        self.loss = PerSampleLoss(module, criterion, modes)
         self.directions = directions
         self.autocast = autocast
         self.out = directions.new_zeros(n_samples, directions.shape[0])
@@ -120,246 +104,133 @@ class FunctionalProjector:
         return self.out
 
 
-class LayerFactorProjector:
-    """Directional derivatives from layer inputs and output gradients (Linear and Conv2d models).
+# -- BatchNorm with the batch statistics held constant -------------------------------------------------
 
-    Parameters
-    ----------
-    module : nn.Module
-        The architecture (see :func:`supports_layer_factors`).
-    criterion : nn.Module
-        Per-sample loss, ``reduction="none"``.
-    directions : Tensor of shape (K, n_params)
-    n_samples : int
-        ``N``, rows of the result.
-    rows : (model, X_rows, y_rows), optional
-        When the last ``len(X_rows)`` directions are the eval-mode gradients of
-        these validation samples at ``model``'s weights, their Linear parts use
-        ghost products.
-    accumulate_bytes : int, default=0
-        Memory allowed for the N x p_conv buffer of convolution hypergradients;
-        when it does not fit, the convolution gradients are projected every step.
-    autocast : torch.dtype, optional
-        The training run's ``torch.autocast`` dtype, used by the forward passes
-        at the stored weights (not by the validation rows'); the layer factors
-        are cast to the directions' dtype before any product.
-    """
-
-    def __init__(
-        self,
-        module: nn.Module,
-        criterion: nn.Module,
-        directions: torch.Tensor,
-        n_samples: int,
-        rows: tuple[nn.Module, torch.Tensor, torch.Tensor] | None = None,
-        accumulate_bytes: int = 0,
-        autocast: torch.dtype | None = None,
-    ) -> None:
-        self.module = copy.deepcopy(module).train()
-        self.criterion = criterion
-        self.autocast = autocast
-        self.out = directions.new_zeros(n_samples, directions.shape[0])
-        self.fallback: FunctionalProjector | None = None
-        self._fallback_args = (module, criterion, directions, n_samples, autocast)
-        self.layers = _trainable_layers(self.module)
-        # columns of each layer's weight and bias in the flat parameter vector
-        offsets, start = {}, 0
-        for p in self.module.parameters():
-            if p.requires_grad:
-                offsets[id(p)] = (start, start + p.numel())
-                start += p.numel()
-        self.columns = {m: [offsets[id(p)] for p in (m.weight, m.bias) if p is not None and p.requires_grad]
-                        for m in self.layers}
-        self.n_dense = directions.shape[0] - (0 if rows is None else rows[1].shape[0])
-        # the hooks write into this dict, keyed by layer position; they hold no reference to the
-        # projector or the modules, so dropping the projector frees its tensors without a cycle
-        self._captured: dict[int, list] = {}
-        evaluator = copy.deepcopy(self.module).eval()  # before any hook
-        for k, (m, m_eval) in enumerate(zip(self.layers, _trainable_layers(evaluator))):
-            m.register_forward_hook(functools.partial(_capture_output, self._captured, k))
-            m_eval.register_forward_hook(functools.partial(_capture_output, self._captured, k))
-        self.row_factors = self._row_factors(evaluator, *rows) if rows is not None else {}
-        # each Linear layer's block of the dense directions (all directions without ghost rows), contiguous
-        self.linear_directions = {}
-        for m in self.layers:
-            if isinstance(m, nn.Linear):
-                (w0, w1), *bias = self.columns[m]
-                k = self.n_dense if m in self.row_factors else directions.shape[0]
-                self.linear_directions[m] = (
-                    directions[:k, w0:w1].reshape(k * m.out_features, m.in_features).contiguous(),
-                    directions[:k, bias[0][0] : bias[0][1]].contiguous() if bias else None,
-                )
-        convs = [m for m in self.layers if isinstance(m, nn.Conv2d)]
-        conv_cols = [torch.arange(a, b, device=directions.device) for m in convs for a, b in self.columns[m]]
-        self.conv_directions = directions[:, torch.cat(conv_cols)] if conv_cols else None
-        p_conv = 0 if self.conv_directions is None else self.conv_directions.shape[1]
-        self.conv_sum = None
-        if p_conv and n_samples * p_conv * directions.element_size() <= accumulate_bytes:
-            self.conv_sum = directions.new_zeros(n_samples, p_conv)
-
-    def _factors(self, module: nn.Module, params: dict, xb: torch.Tensor, yb: torch.Tensor,
-                 dtype: torch.dtype | None = None):
-        """``(a, delta)`` of every layer for the batch (forward under autocast to ``dtype``, factors in
-        the directions' dtype), or None when a layer ran other than once."""
-        self._captured.clear()
-        with torch.enable_grad():
-            with autocast(xb.device, dtype):
-                losses = self.criterion(functional_call(module, params, (xb,)), yb)
-            if any(len(self._captured.get(k, ())) != 1 for k in range(len(self.layers))):
-                self._captured.clear()
-                return None
-            inputs = [self._captured[k][0][0] for k in range(len(self.layers))]
-            outs = [self._captured[k][0][1] for k in range(len(self.layers))]
-            self._captured.clear()
-            # the gradient of the mean loss, as the training step takes it: under autocast, the output
-            # gradients are then rounded as in training, and every route sees the same factors
-            deltas = torch.autograd.grad(losses.mean(), outs, allow_unused=True)
-        out, b = self.out.dtype, xb.shape[0]
-        return {m: (a.to(out), torch.zeros_like(o, dtype=out) if d is None else d.to(out) * b)
-                for m, a, o, d in zip(self.layers, inputs, outs, deltas)}
-
-    def _row_factors(self, evaluator: nn.Module, model: nn.Module, X_rows: torch.Tensor, y_rows: torch.Tensor,
-                     batch_size: int = 256) -> dict:
-        """Eval-mode ``(a_j, delta_j)`` at ``model``'s weights of the Linear layers with 2-D inputs."""
-        params = parameter_dict(model)
-        parts: dict[nn.Module, list] = {}
-        for start in range(0, X_rows.shape[0], batch_size):
-            factors = self._factors(evaluator, params, X_rows[start : start + batch_size],
-                                    y_rows[start : start + batch_size])
-            if factors is None:
-                return {}
-            for m, (a, delta) in factors.items():
-                if isinstance(m, nn.Linear) and a.dim() == 2:
-                    parts.setdefault(m, []).append((a, delta))
-        return {m: (torch.cat([a for a, _ in v]), torch.cat([d for _, d in v])) for m, v in parts.items()}
-
-    def add(self, params: dict[str, torch.Tensor], idx: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor,
-            weight: float) -> None:
-        """``out[idx] += weight * <V, grad l_i(w)>`` at the weights ``params``."""
-        if self.fallback is None:
-            factors = self._factors(self.module, params, xb, yb, self.autocast)
-            if factors is None:  # a layer ran twice (shared weights): per-sample products are not rank one
-                self.fallback = FunctionalProjector(*self._fallback_args)
-        if self.fallback is not None:
-            self.fallback.add(params, idx, xb, yb, weight)
-            return
-        d = xb.new_zeros(xb.shape[0], self.out.shape[1], dtype=self.out.dtype)
-        conv_grads = []
-        for m in self.layers:
-            a, delta = factors[m]
-            if isinstance(m, nn.Linear):
-                self.add_linear(m, a, delta, d)
-            else:
-                conv_grads.append(_conv_sample_gradients(m, a, delta))
-        if conv_grads:
-            g = torch.cat(conv_grads, dim=1)
-            if self.conv_sum is not None:
-                self.conv_sum.index_add_(0, idx, g, alpha=weight)
-            else:
-                d += g @ self.conv_directions.T
-        self.out.index_add_(0, idx, d, alpha=weight)
-
-    def add_linear(self, m: nn.Linear, a: torch.Tensor, delta: torch.Tensor, d: torch.Tensor) -> None:
-        """``d += <V, delta_i a_i'>`` for a Linear layer's inputs ``a`` and output gradients ``delta``."""
-        b = a.shape[0]
-        a, delta = a.reshape(b, -1, a.shape[-1]), delta.reshape(b, -1, delta.shape[-1])
-        weight, bias = self.linear_directions[m]
-        dense = slice(0, weight.shape[0] // m.out_features)
-        z = (a @ weight.T).reshape(b, a.shape[1], -1, m.out_features)
-        d[:, dense] += torch.einsum("bpo,bpko->bk", delta, z)
-        if bias is not None:
-            d[:, dense] += delta.sum(1) @ bias.T
-        if m in self.row_factors:
-            a_rows, delta_rows = self.row_factors[m]
-            inputs = a[:, 0] @ a_rows.T
-            if bias is not None:
-                inputs += 1.0
-            d[:, self.n_dense :] += (delta[:, 0] @ delta_rows.T) * inputs
-
-    def result(self) -> torch.Tensor:
-        """The accumulated (N, K) projections."""
-        if self.fallback is not None:
-            return self.out + self.fallback.result()
-        if self.conv_sum is not None:
-            return self.out + self.conv_sum @ self.conv_directions.T
-        return self.out
+_CONSTANT_CLASSES: dict[type, type] = {}
 
 
-def probe_layers(module: nn.Module, x_probe: torch.Tensor, data: torch.Tensor | None) -> dict[int, tuple] | None:
-    """The kind and size of every trainable layer's factors, from one eval-mode pass over a few inputs.
+def _constant_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """BatchNorm's forward with its batch statistics detached (eval mode: the running ones, as usual)."""
+    if not (self.training or self.running_mean is None):
+        return type(self).__mro__[1].forward(self, x)
+    axes = (0, *range(2, x.dim()))
+    mean, var = x.mean(axes, keepdim=True).detach(), x.var(axes, unbiased=False, keepdim=True).detach()
+    out = (x - mean) / torch.sqrt(var + self.eps)
+    if self.affine:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        out = out * self.weight.reshape(shape) + self.bias.reshape(shape)
+    return out
 
-    Returns None when the model cannot be served by layer factors: a layer
-    that is not Linear or plain Conv2d (:func:`supports_layer_factors`), that
-    runs other than once, or a Linear layer whose input is not 2-D. Otherwise
-    ``{layer position: ("linear", in, out) | ("conv", p_layer) | ("input_conv",
-    p_layer, one sample's output shape)}``, the last for a convolution that
-    reads the module's input itself, unchanged, when ``data`` (the training
-    inputs as one tensor) is given.
-    """
-    if not supports_layer_factors(module):
-        return None
-    probe = copy.deepcopy(module).eval()
-    layers = _trainable_layers(probe)
-    seen: dict[int, list] = {}
-    handles = [m.register_forward_hook(functools.partial(_note_input, seen, k, x_probe, x_probe.clone()))
-               for k, m in enumerate(layers)]
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        probe(x_probe)
-    for h in handles:
-        h.remove()
-    shapes = {}
-    for k, m in enumerate(layers):
-        if len(seen.get(k, ())) != 1:
-            return None
-        dim, reads_inputs, out_shape = seen[k][0]
-        if isinstance(m, nn.Linear):
-            if dim != 2:
-                return None
-            shapes[k] = ("linear", m.in_features, m.out_features)
-        else:
-            p = sum(p.numel() for p in m.parameters(recurse=False) if p.requires_grad)
-            shapes[k] = ("input_conv", p, out_shape) if reads_inputs and data is not None else ("conv", p)
-    return shapes
+
+def constant_statistics(model: nn.Module) -> nn.Module:
+    """Make every BatchNorm of ``model`` (in place) hold its batch statistics constant in the derivative:
+    the same outputs, and each sample's loss then depends on the weights only through its own path."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and type(m) not in _CONSTANT_CLASSES.values():
+            cls = type(m)
+            if cls not in _CONSTANT_CLASSES:
+                _CONSTANT_CLASSES[cls] = type(f"ConstantStatistics{cls.__name__}", (cls,),
+                                              {"forward": _constant_forward})
+            m.__class__ = _CONSTANT_CLASSES[cls]
+    return model
+
+
+def has_batch_statistics(module: nn.Module, modes: dict | None = None) -> bool:
+    """Whether a BatchNorm of ``module`` normalises with its batch's statistics during training."""
+    modes = modes or training_modes(module)
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and (modes.get(name, True) or m.running_mean is None)
+               for name, m in module.named_modules())
+
+
+def private_copy(module: nn.Module, modes: dict | None, constant_stats: bool) -> nn.Module:
+    """A copy of ``module`` in the training run's modes, its BatchNorms holding their statistics constant."""
+    model = set_modes(copy.deepcopy(module), modes or training_modes(module))
+    return constant_statistics(model) if constant_stats else model
+
+
+# -- catching what a step computes ----------------------------------------------------------------------
 
 
 class LayerCapture:
-    """Hooks on the training model that catch every trainable layer's input and output gradient in a step.
+    """Hooks that catch, for every layer in a step, what its algebra needs from the forward pass and the
+    gradient of the batch's mean loss at its outputs.
 
-    The training step's forward and backward already compute both: the
-    layer's input ``a_i`` and the gradient of the batch's mean loss with
-    respect to its output, ``delta_i / b_t`` (a pre-hook on the node that made
-    the output receives it as computed, whatever later in-place operations do
-    to the output). Evaluation passes between epochs are ignored.
+    ``mode="training"``: on the training model, whose backward (for the
+    weights' gradients) the hooks ride along (a pre-hook on the node that made
+    each output receives its gradient as computed, whatever later in-place
+    operations do). ``mode="projection"``: on a private copy; each hooked
+    output is handed on as a clone (later in-place operations touch the clone)
+    and :meth:`backward` takes the gradients at the originals, no weight
+    gradient computed. Evaluation passes (no gradient) are ignored.
     """
 
-    def __init__(self) -> None:
-        self.layers: list[nn.Module] = []
+    def __init__(self, layers: list[nn.Module], algebras: list[LayerAlgebra], mode: str = "training") -> None:
+        self.layers, self.algebras, self.mode = layers, algebras, mode
         self._handles: list = []
         self._captured: dict[int, list] = {}
         self._model_input: tuple = (None, 0)  # the step's batch as the module received it, and its version
 
     def attach(self, model: nn.Module) -> None:
         self._handles.append(model.register_forward_pre_hook(self._note_model_input))
-        self.layers = _trainable_layers(model)
-        for k, m in enumerate(self.layers):
-            self._handles.append(m.register_forward_hook(functools.partial(self._capture, k)))
+        for k, (m, alg) in enumerate(zip(self.layers, self.algebras)):
+            if alg.watches_forward:
+                self._handles.append(m.register_forward_pre_hook(functools.partial(self._enter, alg),
+                                                                 with_kwargs=True))
+            if alg.reads_kwargs:
+                self._handles.append(m.register_forward_hook(functools.partial(self._capture, k), with_kwargs=True))
+            else:
+                self._handles.append(m.register_forward_hook(functools.partial(self._capture_args, k)))
 
     def _note_model_input(self, model: nn.Module, inputs: tuple) -> None:
-        self._model_input = (inputs[0], inputs[0]._version)
+        if inputs and isinstance(inputs[0], torch.Tensor):
+            self._model_input = (inputs[0], inputs[0]._version)
 
-    def _capture(self, k: int, m: nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor | None:
-        if not out.requires_grad:  # an evaluation pass between epochs, not a training step
+    def _enter(self, alg: LayerAlgebra, m: nn.Module, args: tuple, kwargs: dict) -> None:
+        if torch.is_grad_enabled():
+            alg._context = alg.forward()
+            alg._context.__enter__()
+
+    def _capture_args(self, k: int, m: nn.Module, args: tuple, out):
+        return self._capture(k, m, args, {}, out)
+
+    def _capture(self, k: int, m: nn.Module, args: tuple, kwargs: dict, out):
+        alg = self.algebras[k]
+        context = getattr(alg, "_context", None)
+        if context is not None:
+            alg._context = None
+            context.__exit__(None, None, None)
+        tensor_out = out if isinstance(out, torch.Tensor) else out[0]
+        if not torch.is_grad_enabled() or not tensor_out.requires_grad:  # an evaluation pass, not a step
             return None
-        x = inputs[0]
+        x = args[0] if args else None
         # the layer read the step's batch itself, unchanged (no in-place op since: same version)
         reads_batch = x is self._model_input[0] and x._version == self._model_input[1]
-        entry = [x.detach(), None, reads_batch]
-        out.grad_fn.register_prehook(functools.partial(_set_output_gradient, entry, out.output_nr))
-        self._captured[k] = entry
-        return None
+        saved = alg.saved(args, kwargs, out)
+        clone = None
+        if self.mode == "projection" and isinstance(out, torch.Tensor):
+            clone = out.clone()
+        watched = alg.outputs(saved, out)
+        entry = {"saved": saved, "outputs": watched, "grads": [None] * len(watched), "reads_batch": reads_batch}
+        if self.mode == "training":
+            # the graph holds the pre-hook, which holds the entry: the entry must not hold the graph (an
+            # output tensor), or the cycle, through autograd's own references, is never collected
+            entry["outputs"] = [_Like(o) for o in watched]
+            for j, o in enumerate(watched):
+                if o.grad_fn is not None:
+                    o.grad_fn.register_prehook(functools.partial(_set_gradient, entry, j, o.output_nr))
+        self._captured.setdefault(k, []).append(entry)
+        return clone
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Projection mode: the gradients of ``loss`` at every caught output (the weights' are not computed)."""
+        entries = [e for calls in self._captured.values() for e in calls]
+        targets = [(e, j, o) for e in entries for j, o in enumerate(e["outputs"]) if o.requires_grad]
+        grads = torch.autograd.grad(loss, [o for *_, o in targets], allow_unused=True)
+        for (e, j, _), g in zip(targets, grads):
+            e["grads"][j] = g
 
     def take(self) -> dict[int, list]:
-        """``{layer position: [input, gradient of the batch's mean loss at the output, reads the batch]}``."""
+        """``{layer: [call entries]}`` of the step, and forget them."""
         captured, self._captured = self._captured, {}
         return captured
 
@@ -370,28 +241,467 @@ class LayerCapture:
         self._model_input = (None, 0)
 
 
-class TrainingFactors:
-    """Layer factors summed over the training run's own steps, for a linear rule (SGD): no second pass.
+class _Like:
+    """An output's shape, dtype and device, without the tensor (for a zero gradient where none arrived)."""
+
+    __slots__ = ("shape", "dtype", "device")
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.shape, self.dtype, self.device = t.shape, t.dtype, t.device
+
+
+def _set_gradient(entry: dict, j: int, output_nr: int, grad_outputs: tuple) -> None:
+    entry["grads"][j] = grad_outputs[output_nr]
+
+
+def _deltas(alg: LayerAlgebra, entry: dict, batch: float = 1.0) -> list[torch.Tensor]:
+    return alg.deltas(entry["grads"], entry["outputs"], batch)
+
+
+# -- which layers, and how -------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerPlan:
+    """How one layer's per-sample gradients are had (from :func:`probe_layers`).
+
+    Attributes
+    ----------
+    algebra : type
+        Its :class:`hydraclean.layers.LayerAlgebra` class.
+    in_dim, out_dim : int
+        The batch dimension of its first input and its output.
+    calls : int
+        How many times a forward pass runs it (shared layers: several).
+    size : int
+        Trainable parameters it covers.
+    factors : list of (shape, dtype) or None
+        One sample's factors (:meth:`LayerAlgebra.factors`), when it has a
+        compact form and runs once per pass.
+    reads_inputs : bool
+        A Conv2d of the fast kind that reads the module's input itself,
+        unchanged (its per-sample gradients can be formed from summed
+        output gradients, when the inputs are the same in every epoch).
+    out_shape : tuple
+        One sample's output shape.
+    """
+
+    algebra: type
+    in_dim: int
+    out_dim: int
+    calls: int
+    size: int
+    factors: list | None
+    reads_inputs: bool
+    out_shape: tuple
+
+    def make(self, layer: nn.Module) -> LayerAlgebra:
+        return self.algebra(layer, self.in_dim, self.out_dim)
+
+    @property
+    def factor_values(self) -> int:
+        return sum(int(np.prod(shape)) for shape, _ in self.factors) if self.factors else 0
+
+
+def probe_layers(module: nn.Module, criterion: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
+                 modes: dict | None = None, constant_stats: bool = False, data: torch.Tensor | None = None
+                 ) -> list[LayerPlan] | None:
+    """Every trainable layer's plan, or None when the layer route does not hold for ``module``.
+
+    A few passes over the probe batch ``x, y`` (at least 2 samples; 5 or more
+    tell the batch dimension apart from sequence lengths) in the training
+    run's modes: one to find each layer's batch dimensions and calls, then the
+    layer route's per-sample products with three random directions against
+    the whole model's exact ones (``torch.func``). They disagree when the
+    samples interact downstream of a layer (BatchNorm in train mode), when a
+    parameter is used outside its layer (weights tied by hand), or when a
+    module's own forward draws random numbers where :class:`ModuleAlgebra`
+    would need it not to: the route is then refused, and scoring takes the
+    functional route. ``data`` (the training inputs as one tensor) marks the
+    convolutions that read them unchanged.
+    """
+    model = private_copy(module, modes, constant_stats)
+    layers = layers_of(model)
+    params = parameter_dict(model)
+    covered = {id(p) for m in layers for p in m.parameters() if p.requires_grad}
+    if not layers or any(id(p) not in covered for p in parameter_dict(model, detach=False).values()):
+        return None
+    n = min(x.shape[0], 5)
+    sizes = [n - 2, n] if n >= 4 else [n]
+    seen: list[dict] = []
+    for b in sizes:
+        record: dict[int, list] = {}
+        xb = x[:b].clone()
+        handles = [m.register_forward_hook(functools.partial(_note_shapes, record, k, xb, xb.clone()),
+                                           with_kwargs=True) for k, m in enumerate(layers)]
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model(xb)
+        except Exception:  # noqa: BLE001  (a module that does not run on the probe: the functional route)
+            return None
+        finally:
+            for h in handles:
+                h.remove()
+        seen.append(record)
+    plans = []
+    for k, m in enumerate(layers):
+        calls = seen[-1].get(k, [])
+        if not calls:
+            return None
+        in_dim = _batch_dim([s[k][0][0] for s in seen], sizes)
+        out_dim = _batch_dim([s[k][0][1] for s in seen], sizes)
+        cls = algebra_for(m)
+        reads = cls is ConvAlgebra and cls(m).fast and all(c[2] for c in calls) and data is not None
+        out_shape = tuple(int(s) for i, s in enumerate(calls[0][1]) if i != out_dim)
+        plans.append(LayerPlan(cls, in_dim, out_dim, len(calls), sum(p.numel() for p in m.parameters()
+                                                                      if p.requires_grad), None, reads, out_shape))
+    yb = y[:n]
+    algebras = [p.make(m) for p, m in zip(plans, layers)]
+    for p, alg in zip(plans, algebras):
+        p.size = alg.size
+    capture = LayerCapture(layers, algebras, mode="projection")
+    capture.attach(model)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    ref = next(iter(params.values()))
+    V = torch.randn(3, sum(v.numel() for v in params.values()), generator=g, dtype=ref.dtype).to(ref.device)
+    try:
+        with step_rng(1, x.device), torch.enable_grad():  # on copies: a module may change its input in place
+            losses = criterion(functional_call(model, _leaves(params), (x[:n].clone(),)), yb)
+            capture.backward(losses.mean())
+        captured = capture.take()
+        got = torch.zeros(n, 3, dtype=ref.dtype, device=ref.device)
+        for k, (m, alg, plan) in enumerate(zip(layers, algebras, plans)):
+            cols = _columns(model, m, alg, V.device)
+            for entry in captured.get(k, []):
+                deltas = _deltas(alg, entry, n)
+                got += alg.apply(entry["saved"], deltas, V[:, cols])
+                if alg.factored and plan.calls == 1:
+                    plan.factors = [(tuple(f.shape[1:]), f.dtype) for f in alg.factors(entry["saved"], deltas)]
+        expected = _brute_products(model, criterion, params, x[:n].clone(), yb, V)
+    except Exception:  # noqa: BLE001  (an algebra that does not hold here: the functional route)
+        return None
+    finally:
+        capture.detach()
+    tolerance = 1e-9 if ref.dtype == torch.float64 else 1e-4
+    if float((got - expected).norm()) > tolerance * float(expected.norm()) + 1e-30:
+        return None
+    return plans
+
+
+def _brute_products(model: nn.Module, criterion: nn.Module, params: dict, x: torch.Tensor, y: torch.Tensor,
+                    V: torch.Tensor) -> torch.Tensor:
+    """``<V_k, grad l_i>`` by one backward pass per sample through one forward pass of the batch (under seed 1,
+    as the layer route's probe pass): the exact per-sample gradients, batch coupling and dropout included."""
+    leaves = _leaves(params)
+    with step_rng(1, x.device), torch.enable_grad():
+        losses = criterion(functional_call(model, leaves, (x,)), y)
+        rows = []
+        for i in range(x.shape[0]):
+            grads = torch.autograd.grad(losses[i], list(leaves.values()), retain_graph=True, allow_unused=True)
+            rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+                                   for g, p in zip(grads, leaves.values())]))
+    return torch.stack(rows) @ V.T
+
+
+def _note_shapes(record: dict, k: int, x_probe: torch.Tensor, x_values: torch.Tensor, m: nn.Module, args: tuple,
+                 kwargs: dict, out) -> None:
+    """Probe hook: the shapes of the first input and the output, and whether the input is the module's own,
+    unchanged."""
+    x = args[0] if args else None
+    o = out if isinstance(out, torch.Tensor) else out[0]
+    shape_in = tuple(x.shape) if isinstance(x, torch.Tensor) else ()
+    reads = x is x_probe and torch.equal(x, x_values)
+    record.setdefault(k, []).append((shape_in, tuple(o.shape), reads))
+
+
+def _batch_dim(shapes: list[tuple], sizes: list[int]) -> int:
+    """The dimension whose size follows the probe's batch size (0 when it cannot be told apart)."""
+    if not shapes[0]:
+        return 0
+    for d in range(len(shapes[0])):
+        if all(len(s) > d and s[d] == b for s, b in zip(shapes, sizes)):
+            return d
+    return 0
+
+
+def _columns(model: nn.Module, layer: nn.Module, alg: LayerAlgebra, device) -> torch.Tensor:
+    ranges = column_ranges(model, layer, alg)
+    return torch.cat([torch.arange(a, b, device=device) for a, b in ranges])
+
+
+def _rows(obj, rows):
+    """``obj`` restricted to the samples ``rows`` (tensors batch first; containers element by element)."""
+    if isinstance(obj, torch.Tensor):
+        return obj[rows]
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_rows(o, rows) for o in obj)
+    return obj
+
+
+def _dense(alg: LayerAlgebra, saved, deltas: list[torch.Tensor]):
+    """Per-sample gradients in chunks of at most :data:`CHUNK_BYTES`: ``(rows, gradients)`` pairs."""
+    b = deltas[0].shape[0]
+    step = max(1, CHUNK_BYTES // max(1, alg.size * deltas[0].element_size()))
+    for start in range(0, b, step):
+        rows = slice(start, start + step)
+        yield rows, alg.gradients(_rows(saved, rows), [d[rows] for d in deltas])
+
+
+def _apply(alg: LayerAlgebra, saved, deltas: list[torch.Tensor], V: torch.Tensor) -> torch.Tensor:
+    """``<V_k, g_i>`` of a layer, its dense gradients formed in chunks."""
+    if alg.factored:
+        return alg.products(alg.factors(saved, deltas), V)
+    out = V.new_zeros(deltas[0].shape[0], V.shape[0])
+    for rows, g in _dense(alg, saved, deltas):
+        out[rows] = g @ V.T
+    return out
+
+
+def _leaves(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The weights as fresh leaves that require a gradient, so that every layer's output has one."""
+    return {k: v.detach().requires_grad_() for k, v in params.items()}
+
+
+def _local_sizes(trajectory: Trajectory) -> np.ndarray:
+    sizes = trajectory.batch_sizes()
+    return sizes if trajectory.shard is None else trajectory.shard.local_sizes(sizes)
+
+
+# -- products at given weights ----------------------------------------------------------------------------
+
+
+class LayerFactorProjector:
+    """Directional derivatives at given weights, layer by layer (a model :func:`probe_layers` accepts).
+
+    A forward pass of a private copy at the weights (under the step's seed,
+    the caller's) and one backward pass to the layer outputs give every
+    layer's factors; each layer's algebra then gives ``<V, g_i>``. A Linear
+    layer whose direction is a validation sample's own gradient ``delta_j
+    a_j'`` (the rows of ``C(i, j)``) takes the "ghost" product
+    ``(delta_i . delta_j)(a_i . a_j + 1)``. A layer without compact factors has
+    its per-sample gradients either summed into an ``N x p_layer`` buffer with
+    the step's weight (when ``accumulate_bytes`` holds them all and the
+    directions are the projector's own) or multiplied by the directions every
+    step, in chunks of samples.
+
+    Parameters
+    ----------
+    module : nn.Module
+    criterion : nn.Module
+    directions : Tensor of shape (K, n_params)
+    n_samples : int
+    plan : list of LayerPlan
+        From :func:`probe_layers` (with the same ``constant_stats``).
+    rows : (model, X_rows, y_rows), optional
+        The last ``len(X_rows)`` directions are these validation samples'
+        eval-mode gradients at ``model``'s weights.
+    accumulate_bytes : int, default=0
+    autocast : torch.dtype, optional
+        Of the forward passes at the given weights; products in the
+        directions' dtype.
+    modes : dict, optional
+        The training run's modes.
+    constant_stats : bool, default=False
+        BatchNorm's batch statistics held constant.
+    """
+
+    def __init__(self, module: nn.Module, criterion: nn.Module, directions: torch.Tensor, n_samples: int,
+                 plan: list[LayerPlan], rows=None, accumulate_bytes: int = 0, autocast: torch.dtype | None = None,
+                 modes: dict | None = None, constant_stats: bool = False) -> None:
+        self.model = private_copy(module, modes, constant_stats)
+        self.criterion, self.autocast, self.plan = criterion, autocast, plan
+        self.layers = layers_of(self.model)
+        self.algebras = [p.make(m) for p, m in zip(plan, self.layers)]
+        self.capture = LayerCapture(self.layers, self.algebras, mode="projection")
+        self.capture.attach(self.model)
+        self.columns = [_columns(self.model, m, a, directions.device) for m, a in zip(self.layers, self.algebras)]
+        self.directions = directions
+        self.n_rows = 0 if rows is None else rows[1].shape[0]
+        self.row_factors = self._row_factors(module, modes, constant_stats, *rows) if rows is not None else {}
+        self.out = directions.new_zeros(n_samples, directions.shape[0])
+        self.sums: dict[int, torch.Tensor] = {}  # dense layers' summed per-sample gradients
+        for k, (alg, cols) in enumerate(zip(self.algebras, self.columns)):
+            if not alg.factored and alg.dense and n_samples * alg.size * directions.element_size() <= accumulate_bytes:
+                accumulate_bytes -= n_samples * alg.size * directions.element_size()
+                self.sums[k] = directions.new_zeros(n_samples, alg.size)
+
+    def capture_at(self, params: dict, xb: torch.Tensor, yb: torch.Tensor) -> dict[int, list]:
+        """Every layer's caught entries for the batch at ``params`` (forward under the projector's autocast)."""
+        params = _leaves(params)
+        with torch.enable_grad():
+            with autocast(xb.device, self.autocast):
+                losses = self.criterion(functional_call(self.model, params, (xb,)), yb)
+            self.capture.backward(losses.mean())
+        return self.capture.take()
+
+    def _row_factors(self, module, modes, constant_stats, model: nn.Module, X_rows: torch.Tensor,
+                     y_rows: torch.Tensor, batch_size: int = 256) -> dict:
+        """Eval-mode ``(a_j, delta_j)`` at ``model``'s weights of the Linear layers with one position."""
+        evaluator = private_copy(module, modes, constant_stats).eval()
+        layers = layers_of(evaluator)
+        algebras = [p.make(m) for p, m in zip(self.plan, layers)]
+        capture = LayerCapture(layers, algebras, mode="projection")
+        capture.attach(evaluator)
+        params = _leaves(parameter_dict(model))
+        parts: dict[int, list] = {}
+        try:
+            for start in range(0, X_rows.shape[0], batch_size):
+                xr, yr = X_rows[start : start + batch_size], y_rows[start : start + batch_size]
+                with torch.enable_grad():
+                    capture.backward(self.criterion(functional_call(evaluator, params, (xr,)), yr).mean())
+                for k, entries in capture.take().items():
+                    alg = algebras[k]
+                    if isinstance(alg, LinearAlgebra) and len(entries) == 1:
+                        a, d = alg.factors(entries[0]["saved"], _deltas(alg, entries[0], xr.shape[0]))
+                        if a.shape[1] == 1:
+                            parts.setdefault(k, []).append((a[:, 0], d[:, 0]))
+        finally:
+            capture.detach()
+        return {k: (torch.cat([a for a, _ in v]), torch.cat([d for _, d in v])) for k, v in parts.items()}
+
+    def add(self, params: dict[str, torch.Tensor], idx: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor,
+            weight: float, directions: torch.Tensor | None = None) -> None:
+        """``out[idx] += weight * <V, grad l_i(w)>`` at the weights ``params``; ``directions``, when given,
+        replace the projector's own for this step (no ghost rows then)."""
+        self.add_captured(self.capture_at(params, xb, yb), idx, weight, directions)
+
+    def add_captured(self, captured: dict[int, list], idx: torch.Tensor, weight: float,
+                     directions: torch.Tensor | None = None) -> None:
+        """:meth:`add` from entries already caught (a recomputed step's own passes)."""
+        own = directions is None
+        V = self.directions if own else directions
+        n_dense = V.shape[0] - (self.n_rows if own else 0)
+        d = V.new_zeros(idx.shape[0], V.shape[0])
+        b = idx.shape[0]
+        for k, (alg, cols) in enumerate(zip(self.algebras, self.columns)):
+            ghost = own and k in self.row_factors
+            for entry in captured.get(k, []):  # in the directions' dtype, also under autocast
+                saved = _cast(entry["saved"], V.dtype)
+                deltas = [delta.to(V.dtype) for delta in _deltas(alg, entry, b)]
+                if own and k in self.sums:
+                    for rows, g in _dense(alg, saved, deltas):
+                        self.sums[k].index_add_(0, idx[rows], g.to(V.dtype), alpha=weight)
+                    continue
+                if ghost:
+                    a, delta = alg.factors(saved, deltas)
+                    d[:, :n_dense] += alg.products((a, delta), V[:n_dense][:, cols])
+                    a_rows, delta_rows = self.row_factors[k]
+                    inputs = a[:, 0] @ a_rows.T
+                    if alg.bias:
+                        inputs += 1.0
+                    d[:, n_dense:] += (delta[:, 0] @ delta_rows.T) * inputs
+                else:
+                    d += _apply(alg, saved, deltas, V[:, cols])
+        self.out.index_add_(0, idx, d, alpha=weight)
+
+    def result(self) -> torch.Tensor:
+        """The accumulated (N, K) projections."""
+        out = self.out
+        for k, sums in self.sums.items():
+            out = out + sums @ self.directions[:, self.columns[k]].T
+        return out
+
+
+def make_projector(module: nn.Module, criterion: nn.Module, directions: torch.Tensor, n_samples: int,
+                   plan: list[LayerPlan] | None, rows=None, accumulate_bytes: int = 0,
+                   autocast: torch.dtype | None = None, modes: dict | None = None, constant_stats: bool = False):
+    """:class:`LayerFactorProjector` with a plan, else :class:`FunctionalProjector`."""
+    if plan is not None:
+        return LayerFactorProjector(module, criterion, directions, n_samples, plan, rows, accumulate_bytes,
+                                    autocast, modes, constant_stats)
+    return FunctionalProjector(module, criterion, directions, n_samples, autocast, modes)
+
+
+# -- what the training run keeps -------------------------------------------------------------------------
+
+
+class _StepFactorsBase:
+    """Shared by the two recorders: the layers, their capture on the training model (or, with the batch
+    statistics held constant, on a private copy at each step's weights), and the per-layer buffers."""
+
+    def __init__(self, module: nn.Module, criterion: nn.Module, plan: list[LayerPlan], trajectory: Trajectory,
+                 constant_stats: bool) -> None:
+        self.module, self.criterion, self.trajectory, self.plan = module, criterion, trajectory, plan
+        self.autocast = trajectory.autocast
+        self.n_samples = trajectory.n_samples
+        self.global_sizes = trajectory.batch_sizes()
+        self.batch_sizes = _local_sizes(trajectory)  # this rank's share of each batch in a data-parallel run
+        self.starts = np.concatenate([[0], np.cumsum(self.batch_sizes)[:-1]])
+        self.rows = int(self.batch_sizes.sum())
+        arch = layers_of(module)
+        self.algebras = [p.make(m) for p, m in zip(plan, arch)]  # the architecture's: shapes and columns
+        device = next(p for p in module.parameters() if p.requires_grad).device
+        self.columns = [_columns(module, m, a, device) for m, a in zip(arch, self.algebras)]
+        self.constant_stats = constant_stats
+        self.capture = None
+        self.recompute = None  # a projector that recomputes each step's factors (batch statistics constant)
+        self._params = parameter_dict(module)
+
+    def attach(self, model: nn.Module) -> None:
+        if self.constant_stats:
+            ref = next(iter(self._params.values()))
+            self.recompute = LayerFactorProjector(self.module, self.criterion, ref.new_zeros(1, 1), 0, self.plan,
+                                                  autocast=self.autocast, modes=self.trajectory.train_modes,
+                                                  constant_stats=True)
+            return
+        layers = layers_of(model)
+        algebras = [p.make(m) for p, m in zip(self.plan, layers)]
+        self.capture = LayerCapture(layers, algebras, mode="training")
+        self.capture.attach(model)
+        self.algebras = algebras
+
+    def _entries(self, step: Step) -> dict[int, list]:
+        if self.recompute is None:
+            return self.capture.take()
+        from .gradients import unflatten
+
+        with step_rng(self.trajectory.step_seed(step.t), step.xb.device):
+            return self.recompute.capture_at(_leaves(unflatten(step.w, self._params)), step.xb, step.yb)
+
+    def detach(self) -> None:
+        if self.capture is not None:
+            self.capture.detach()
+
+
+def _plan_modes(plan: list[LayerPlan], n_rows: int, n_samples: int, itemsize: int, summed: bool) -> list[str]:
+    """Per layer: ``"factors"`` (each sample-step's compact form) or ``"dense"`` (per-sample gradients:
+    summed, ``N x p``, or kept per step, ``rows x p``), whichever is smaller."""
+    modes = []
+    for p in plan:
+        dense_values = (n_samples if summed else n_rows) * p.size
+        factor_values = n_rows * p.factor_values if p.factors else None
+        if not p.algebra.dense:
+            modes.append("factors" if p.factors else None)
+        elif factor_values is not None and factor_values < dense_values:
+            modes.append("factors")
+        else:
+            modes.append("dense")
+    return modes
+
+
+class TrainingFactors(_StepFactorsBase):
+    """What the training run's own steps give, summed, for a linear rule (SGD): no second pass.
 
     Under SGD, the Hessian-free hypergradient is
     ``nabla_{T,i} = sum_t c_t (N / b_t) grad l_i(w_{t-1})`` with scalars
     ``c_t`` known before training (:func:`hydraclean.hypergradient.step_weights`),
-    so what each step computes can be weighted as it goes
-    (:class:`LayerCapture` catches it):
+    so each layer's share can be weighted as it goes (:class:`LayerCapture`
+    catches it from the training step):
 
-    - Conv2d: the per-sample gradients are formed at once and summed with the
-      step's coefficient into each sample's hypergradient restricted to the
-      convolutions, ``sum_t c_t (N / b_t) grad_conv l_i(w_{t-1})`` (N x p_conv);
-    - Conv2d reading the training inputs themselves (``data``, the same rows
-      in every epoch): its input ``x_i`` does not change over the run, so
-      ``sum_t delta_{i,t} x_i'`` is ``(sum_t delta_{i,t}) x_i'``: the output
-      gradients are summed (N x out_channels x positions, when that fits in
-      ``max_memory``) and the per-sample gradients formed once, at the end
-      (:meth:`finish`). A step whose layer input is not the batch itself,
-      unchanged (a module that transforms its input in training mode), takes
-      the route above;
-    - Linear (2-D inputs): ``a_i`` and ``c_t (N / b_t) delta_i`` of every sample
-      and step, ``n_epochs N (in + out)`` values.
+    - ``"dense"``: the per-sample gradients are formed at once and summed with
+      the step's coefficient into each sample's hypergradient restricted to the
+      layer (``N x p_layer``);
+    - ``"input_conv"``: a Conv2d reading the training inputs themselves
+      (``data``, the same rows in every epoch): its input ``x_i`` does not change
+      over the run, so ``sum_t delta_{i,t} x_i'`` is ``(sum_t delta_{i,t}) x_i'``:
+      the output gradients are summed (``N x`` its outputs) and the per-sample
+      gradients formed once, at the end (:meth:`finish`). A step whose layer
+      input is not the batch itself, unchanged (a module that transforms its
+      input in training mode), takes the dense route;
+    - ``"factors"``: the layer's compact factors of every sample and step (a
+      Linear layer's ``a_i`` and ``c_t (N / b_t) delta_i``, an embedding's token
+      ids and output gradients), when smaller than ``N x p_layer``.
 
     :meth:`project` then gives ``<V_k, nabla_{T,i}>`` for any directions from
     these alone. Build with :meth:`plan`; pass as the ``recorder`` of
@@ -403,246 +713,250 @@ class TrainingFactors:
         Memory held.
     """
 
-    def __init__(self, module: nn.Module, criterion: nn.Module, shapes: dict[int, tuple], trajectory: Trajectory,
-                 coefficients: np.ndarray, dtype: torch.dtype, device: torch.device,
-                 data: torch.Tensor | None = None) -> None:
-        # layer position -> ("linear", in, out), ("conv", p_layer) or ("input_conv", p_layer, output shape)
-        self.module, self.criterion, self.autocast = module, criterion, trajectory.autocast
-        self.shapes = shapes
-        self.data = data
-        self.coefficients = coefficients
-        self.global_sizes = trajectory.batch_sizes()
-        self.batch_sizes = _local_sizes(trajectory)  # this rank's share of each batch in a data-parallel run
-        self.starts = np.concatenate([[0], np.cumsum(self.batch_sizes)[:-1]])
-        n, rows = trajectory.n_samples, int(self.batch_sizes.sum())
-        self.n_samples = n
-        convs = [k for k, v in shapes.items() if v[0] != "linear"]
-        p_conv = sum(shapes[k][1] for k in convs)
-        bounds = np.cumsum([0] + [shapes[k][1] for k in convs])
-        self.conv_columns = {k: slice(lo, hi) for k, lo, hi in zip(convs, bounds[:-1], bounds[1:])}
-        self.conv_sum = torch.zeros(n, p_conv, dtype=dtype, device=device) if p_conv else None
-        self.output_sums = {k: torch.zeros(n, *v[2], dtype=dtype, device=device)
-                            for k, v in shapes.items() if v[0] == "input_conv"}
-        self.inputs = {k: torch.empty(rows, v[1], dtype=dtype, device=device)
-                       for k, v in shapes.items() if v[0] == "linear"}
-        self.deltas = {k: torch.empty(rows, v[2], dtype=dtype, device=device)
-                       for k, v in shapes.items() if v[0] == "linear"}
-        self.index = torch.empty(rows, dtype=torch.long, device=device)
-        self.nbytes = self.footprint(shapes, trajectory, torch.empty(0, dtype=dtype).element_size())
-        self.capture = LayerCapture()
-        self.layers = _trainable_layers(module)  # their shapes and strides (the architecture's)
+    def __init__(self, module, criterion, plan, trajectory, coefficients: np.ndarray, kinds: list[str],
+                 dtype: torch.dtype, device: torch.device, data: torch.Tensor | None = None,
+                 constant_stats: bool = False) -> None:
+        super().__init__(module, criterion, plan, trajectory, constant_stats)
+        self.kinds, self.data, self.coefficients = kinds, data, coefficients
+        n = self.n_samples
+        self.sums = {k: torch.zeros(n, p.size, dtype=dtype, device=device)
+                     for k, (p, kind) in enumerate(zip(plan, kinds)) if kind in ("dense", "input_conv")}
+        self.output_sums = {k: torch.zeros(n, *p.out_shape, dtype=dtype, device=device)
+                            for k, (p, kind) in enumerate(zip(plan, kinds)) if kind == "input_conv"}
+        self.factors = {k: [torch.empty(self.rows, *shape, dtype=dtype if f.is_floating_point else f, device=device)
+                            for shape, f in p.factors]
+                        for k, (p, kind) in enumerate(zip(plan, kinds)) if kind == "factors"}
+        self.index = torch.empty(self.rows, dtype=torch.long, device=device)
+        self.nbytes = self.footprint(plan, kinds, trajectory, torch.empty(0, dtype=dtype).element_size())
 
     @classmethod
-    def plan(cls, module: nn.Module, criterion: nn.Module, x_probe: torch.Tensor, trajectory: Trajectory,
-             coefficients: np.ndarray, max_memory: int, data: torch.Tensor | None = None) -> TrainingFactors | None:
-        """The recorder for ``module`` when layer factors serve it (:func:`probe_layers`) and fit in
+    def plan(cls, module: nn.Module, criterion: nn.Module, x_probe: torch.Tensor, y_probe: torch.Tensor,
+             trajectory: Trajectory, coefficients: np.ndarray, max_memory: int, data: torch.Tensor | None = None,
+             constant_stats: bool = False, layer_plan: list[LayerPlan] | None = None) -> TrainingFactors | None:
+        """The recorder when the layer route holds for ``module`` (:func:`probe_layers`) and fits in
         ``max_memory``, else None. ``data``, the training inputs when they are one tensor (not a Dataset,
         whose items may be augmented anew every epoch), lets the convolutions that read them sum their
         output gradients instead (see above), where that fits."""
-        shapes = probe_layers(module, x_probe, data)
-        if shapes is None:
+        plan = layer_plan if layer_plan is not None else probe_layers(
+            module, criterion, x_probe, y_probe, constant_stats=constant_stats, data=data)
+        if plan is None:
             return None
         ref = next(p for p in module.parameters() if p.requires_grad)
-        if cls.footprint(shapes, trajectory, ref.element_size()) > max_memory:  # per-step gradients instead
-            shapes = {k: ("conv", v[1]) if v[0] == "input_conv" else v for k, v in shapes.items()}
-        if cls.footprint(shapes, trajectory, ref.element_size()) > max_memory:
+        rows, n = int(_local_sizes(trajectory).sum()), trajectory.n_samples
+        kinds = _plan_modes(plan, rows, n, ref.element_size(), summed=True)
+        if None in kinds:
             return None
-        return cls(module, criterion, shapes, trajectory, coefficients, ref.dtype, ref.device, data)
+        sums_inputs = [("input_conv" if p.reads_inputs and kind == "dense" and not constant_stats and data is not None
+                        else kind) for p, kind in zip(plan, kinds)]
+        for candidate in (sums_inputs, kinds):
+            if cls.footprint(plan, candidate, trajectory, ref.element_size()) <= max_memory:
+                return cls(module, criterion, plan, trajectory, coefficients, candidate, ref.dtype, ref.device,
+                           data, constant_stats)
+        return None
 
     @staticmethod
-    def footprint(shapes: dict[int, tuple], trajectory: Trajectory, itemsize: int) -> int:
-        """Bytes the buffers take: N x p_conv, N x outputs of the input convolutions, and (in + out) values
-        and an index per sample and step."""
+    def footprint(plan: list[LayerPlan], kinds: list[str], trajectory: Trajectory, itemsize: int) -> int:
+        """Bytes the buffers take: ``N x p`` per dense layer (and ``N x`` the outputs of an input convolution),
+        the factors of every sample-step, an index per sample-step."""
         rows, n = int(_local_sizes(trajectory).sum()), trajectory.n_samples
-        values = sum(rows * (v[1] + v[2]) if v[0] == "linear" else n * v[1] for v in shapes.values())
-        values += sum(n * int(np.prod(v[2])) for v in shapes.values() if v[0] == "input_conv")
-        return values * itemsize + rows * torch.empty(0, dtype=torch.long).element_size()
-
-    def attach(self, model: nn.Module) -> None:
-        """Hook the training model's layers."""
-        self.capture.attach(model)
+        values = sum(n * p.size for p, k in zip(plan, kinds) if k in ("dense", "input_conv"))
+        values += sum(n * int(np.prod(p.out_shape)) for p, k in zip(plan, kinds) if k == "input_conv")
+        values += sum(rows * p.factor_values for p, k in zip(plan, kinds) if k == "factors")
+        return values * itemsize + rows * 8
 
     def record(self, step: Step) -> None:
-        """Keep the step's factors: the gradients of its mean loss times ``b_t c_t N / b_t``."""
+        """Keep the step's share: gradients of its mean loss times ``b_t c_t N / b_t``."""
         t, idx = step.t, step.idx
         b, start = int(self.batch_sizes[t]), int(self.starts[t])
-        # c_t (N / b_t) times b_t: the gradient of the (global) batch's mean loss is delta / b_t
+        # c_t N / b_t for each sample's own gradient, times b_t: the (global) batch's mean loss has delta / b_t
         weight = float(self.coefficients[t]) * float(self.global_sizes[t])
-        captured = self.capture.take()
-        for k, (kind, *_) in self.shapes.items():
-            a, g, reads_batch = captured[k]
-            if kind == "input_conv" and reads_batch:  # per-sample gradients at the end, from the summed outputs
-                self.output_sums[k].index_add_(0, idx, g.to(self.conv_sum.dtype), alpha=weight)
-            elif kind != "linear":  # in the buffer's dtype, also under autocast
-                dtype = self.conv_sum.dtype
-                self.conv_sum[:, self.conv_columns[k]].index_add_(
-                    0, idx, _conv_sample_gradients(self.layers[k], a.to(dtype), g.to(dtype)), alpha=weight)
-            else:
-                self.inputs[k][start : start + b] = a
-                delta = self.deltas[k][start : start + b]
-                delta.copy_(g)  # cast first: under autocast the product must not round to g's dtype
-                delta.mul_(weight)
+        captured = self._entries(step)
+        for k, kind in enumerate(self.kinds):
+            alg = self.algebras[k]
+            entries = captured.get(k, [])
+            if kind == "factors" and not entries:  # the layer did not run this step: no gradient
+                for buffer in self.factors[k]:
+                    buffer[start : start + b] = 0
+                continue
+            if kind == "factors":
+                factors = alg.factors(entries[0]["saved"], _deltas(alg, entries[0]))
+                for buffer, f in zip(self.factors[k], factors):
+                    buffer[start : start + b] = f
+                self.factors[k][-1][start : start + b] *= weight  # the last factor is linear in delta
+                continue
+            dtype = self.sums[k].dtype
+            if kind == "input_conv" and len(entries) == 1 and entries[0]["reads_batch"]:
+                delta = _deltas(alg, entries[0])[0]
+                self.output_sums[k].index_add_(0, idx, delta.to(dtype), alpha=weight)
+                continue
+            for entry in entries:  # in the buffer's dtype, also under autocast
+                deltas = [d.to(dtype) for d in _deltas(alg, entry)]
+                for rows, g in _dense(alg, _cast(entry["saved"], dtype), deltas):
+                    self.sums[k].index_add_(0, idx[rows], g, alpha=weight)
         self.index[start : start + b] = idx
-
-    def detach(self) -> None:
-        """Remove the hooks from the training model."""
-        self.capture.detach()
 
     def finish(self) -> None:
         """After the run: the input convolutions' per-sample gradients from their summed output gradients,
-        ``sum_t delta_{i,t} x_i' = (sum_t delta_{i,t}) x_i'``, into the N x p_conv buffer; frees the sums."""
+        ``sum_t delta_{i,t} x_i' = (sum_t delta_{i,t}) x_i'``, into their ``N x p`` buffers; frees the sums."""
         for k, sums in self.output_sums.items():
+            alg = self.algebras[k]
             for start in range(0, sums.shape[0], 128):  # a chunk's unfolded inputs stay in cache (LeNet-5: 10 MB)
                 rows = slice(start, start + 128)
-                self.conv_sum[rows, self.conv_columns[k]] += _conv_sample_gradients(
-                    self.layers[k], self.data[rows].to(sums.dtype), sums[rows])
+                self.sums[k][rows] += alg.gradients(self.data[rows].to(sums.dtype), [sums[rows]])
         self.output_sums = {}
 
     def state_dict(self) -> dict:
-        return {"conv_sum": self.conv_sum, "output_sums": self.output_sums, "inputs": self.inputs,
-                "deltas": self.deltas, "index": self.index}
+        return {"sums": self.sums, "output_sums": self.output_sums, "factors": self.factors, "index": self.index}
 
     def load_state_dict(self, state: dict) -> None:
-        for name, value in state.items():
-            current = getattr(self, name)
-            if isinstance(current, dict):
-                for k, tensor in value.items():
-                    current[k].copy_(tensor)
-            elif current is not None:
-                current.copy_(value)
+        for name in ("sums", "output_sums"):
+            for k, tensor in state[name].items():
+                getattr(self, name)[k].copy_(tensor)
+        for k, tensors in state["factors"].items():
+            for buffer, tensor in zip(self.factors[k], tensors):
+                buffer.copy_(tensor)
+        self.index.copy_(state["index"])
 
-    def project(self, directions: torch.Tensor, rows: tuple[nn.Module, torch.Tensor, torch.Tensor] | None = None,
-                progress=None, chunk: int = 8192) -> torch.Tensor:
+    def project(self, directions: torch.Tensor, rows=None, progress=None, chunk: int = 8192) -> torch.Tensor:
         """``P[i, k] = <V_k, nabla_{T,i}>``, shape (N, K) (after :meth:`finish`); ``rows`` as in
         :class:`LayerFactorProjector` (ghost products). No walk over the run: ``progress`` is not used."""
         if self.output_sums:
             raise RuntimeError("TrainingFactors.project needs finish() first.")
-        projector = LayerFactorProjector(self.module, self.criterion, directions, self.n_samples, rows,
-                                         autocast=self.autocast)
-        out = projector.out  # zeros: the projector has seen no step
-        linear = [(k, projector.layers[k]) for k, v in self.shapes.items() if v[0] == "linear"]
-        for start in range(0, self.index.shape[0], chunk):
-            part = slice(start, start + chunk)
-            d = out.new_zeros(self.index[part].shape[0], out.shape[1])
-            for k, m in linear:
-                projector.add_linear(m, self.inputs[k][part], self.deltas[k][part], d)
-            out.index_add_(0, self.index[part], d)
-        if self.conv_sum is not None:
-            out += self.conv_sum @ projector.conv_directions.T
+        cols = self.columns
+        n_rows = 0 if rows is None else rows[1].shape[0]
+        n_dense = directions.shape[0] - n_rows
+        row_factors = {}
+        if rows is not None:
+            projector = LayerFactorProjector(self.module, self.criterion, directions, 0, self.plan, rows,
+                                             modes=self.trajectory.train_modes, constant_stats=self.constant_stats)
+            row_factors = projector.row_factors
+        out = directions.new_zeros(self.n_samples, directions.shape[0])
+        for k, sums in self.sums.items():
+            out += sums @ directions[:, cols[k]].T
+        for k, buffers in self.factors.items():
+            alg = self.algebras[k]
+            for start in range(0, self.rows, chunk):
+                part = slice(start, start + chunk)
+                factors = tuple(f[part] for f in buffers)
+                d = out.new_zeros(factors[0].shape[0], directions.shape[0])
+                if k in row_factors:
+                    a, delta = factors
+                    d[:, :n_dense] = alg.products(factors, directions[:n_dense][:, cols[k]])
+                    a_rows, delta_rows = row_factors[k]
+                    inputs = a[:, 0] @ a_rows.T
+                    if alg.bias:
+                        inputs += 1.0
+                    d[:, n_dense:] = (delta[:, 0] @ delta_rows.T) * inputs
+                else:
+                    d = alg.products(factors, directions[:, cols[k]])
+                out.index_add_(0, self.index[part], d)
         return out
 
     def close(self) -> None:
         """Free the buffers."""
-        self.conv_sum = self.inputs = self.deltas = self.index = None
+        self.sums, self.factors, self.index = {}, {}, None
 
 
-class StepFactors:
-    """Layer factors kept per step, for an elementwise rule (Adam, AdamW): no second pass over the model.
+class StepFactors(_StepFactorsBase):
+    """What each training step gives, kept per step, for an elementwise rule (Adam, AdamW): no second pass.
 
     Under such a rule the Hessian-free adjoint of step ``t``'s gradient is
     ``V * d_t``, with a factor vector ``d_t`` known only once the run is over
     (:func:`hydraclean.hypergradient.free_factors`, a backward sweep of the
-    update rule over the stored gradients). So each step's factors are kept
-    as they are (:class:`LayerCapture`): a Linear layer's ``a_i`` and
-    ``delta_i``, a convolution's per-sample gradients; the run's gradients go
-    to a :class:`hydraclean.run_store.RunStore`. :meth:`project` sweeps back
-    over the run once and, at every step, adds
-    ``(N / b_t) <V_k * d_t, grad l_i(w_{t-1})>`` from the kept factors: per
-    Linear layer ``delta_i' (V_k * D_t) a_i``, per convolution the per-sample
-    gradients times ``d_t``, summed over the run and projected once.
+    update rule over the stored gradients). So each step's share is kept as
+    it is: a layer's compact factors (Linear, embeddings) or its per-sample
+    gradients, whichever is smaller; the run's gradients go to a
+    :class:`hydraclean.run_store.RunStore`. :meth:`project` sweeps back over
+    the run once and, at every step, adds ``(N / b_t) <V_k * d_t, grad l_i>``
+    layer by layer; dense layers' terms ``g_i * d_t`` are summed over the run
+    and projected once.
 
     Build with :meth:`plan`; pass as the ``recorder`` of
     :func:`hydraclean.training.train`.
     """
 
-    def __init__(self, module: nn.Module, criterion: nn.Module, shapes: dict[int, tuple], trajectory: Trajectory,
-                 store: RunStore, dtype: torch.dtype, device: torch.device) -> None:
-        self.module, self.criterion, self.trajectory, self.store = module, criterion, trajectory, store
-        self.shapes = shapes
-        self.batch_sizes = _local_sizes(trajectory)
-        self.starts = np.concatenate([[0], np.cumsum(self.batch_sizes)[:-1]])
-        rows = int(self.batch_sizes.sum())
-        self.p_conv = sum(v[1] for v in shapes.values() if v[0] == "conv")
-        self.inputs = {k: torch.empty(rows, v[1], dtype=dtype, device=device)
-                       for k, v in shapes.items() if v[0] == "linear"}
-        self.deltas = {k: torch.empty(rows, v[2], dtype=dtype, device=device)
-                       for k, v in shapes.items() if v[0] == "linear"}
-        self.conv_grads = torch.empty(rows, self.p_conv, dtype=dtype, device=device) if self.p_conv else None
-        self.index = torch.empty(rows, dtype=torch.long, device=device)
-        self.nbytes = self.footprint(shapes, trajectory, torch.empty(0, dtype=dtype).element_size()) + store.nbytes
-        self.capture = LayerCapture()
-        self.layers = _trainable_layers(module)
+    def __init__(self, module, criterion, plan, trajectory, kinds: list[str], store: RunStore, dtype, device,
+                 constant_stats: bool = False) -> None:
+        super().__init__(module, criterion, plan, trajectory, constant_stats)
+        self.kinds, self.store = kinds, store
+        self.dense = {k: torch.empty(self.rows, p.size, dtype=dtype, device=device)
+                      for k, (p, kind) in enumerate(zip(plan, kinds)) if kind == "dense"}
+        self.factors = {k: [torch.empty(self.rows, *shape, dtype=dtype if f.is_floating_point else f, device=device)
+                            for shape, f in p.factors]
+                        for k, (p, kind) in enumerate(zip(plan, kinds)) if kind == "factors"}
+        self.index = torch.empty(self.rows, dtype=torch.long, device=device)
+        self.nbytes = self.footprint(plan, kinds, trajectory, torch.empty(0, dtype=dtype).element_size()) + store.nbytes
 
     @classmethod
-    def plan(cls, module: nn.Module, criterion: nn.Module, x_probe: torch.Tensor, trajectory: Trajectory,
-             max_memory: int) -> StepFactors | None:
-        """The recorder when layer factors serve ``module`` and they and every step's gradient fit in
-        ``max_memory``, else None."""
-        shapes = probe_layers(module, x_probe, None)
-        if shapes is None:
+    def plan(cls, module: nn.Module, criterion: nn.Module, x_probe: torch.Tensor, y_probe: torch.Tensor,
+             trajectory: Trajectory, max_memory: int, constant_stats: bool = False,
+             layer_plan: list[LayerPlan] | None = None) -> StepFactors | None:
+        """The recorder when the layer route holds and it and every step's gradient fit in ``max_memory``."""
+        plan = layer_plan if layer_plan is not None else probe_layers(module, criterion, x_probe, y_probe,
+                                                                      constant_stats=constant_stats)
+        if plan is None:
             return None
         params = [p for p in module.parameters() if p.requires_grad]
         ref, n_params = params[0], sum(p.numel() for p in params)
-        budget = max_memory - cls.footprint(shapes, trajectory, ref.element_size())
+        rows = int(_local_sizes(trajectory).sum())
+        kinds = _plan_modes(plan, rows, trajectory.n_samples, ref.element_size(), summed=False)
+        if None in kinds:
+            return None
+        budget = max_memory - cls.footprint(plan, kinds, trajectory, ref.element_size())
         if RunStore.memory_footprint(trajectory, n_params, ref.dtype, reverse=True) > budget:
             return None
         store = RunStore(trajectory, n_params, ref.dtype, ref.device, budget, reverse=True)
-        return cls(module, criterion, shapes, trajectory, store, ref.dtype, ref.device)
+        return cls(module, criterion, plan, trajectory, kinds, store, ref.dtype, ref.device, constant_stats)
 
     @staticmethod
-    def footprint(shapes: dict[int, tuple], trajectory: Trajectory, itemsize: int) -> int:
-        """Bytes of the kept factors: (in + out) values per Linear layer and p_conv per sample and step, an
-        index, and the N x p_conv sum of the convolutions' terms that :meth:`project` forms."""
+    def footprint(plan: list[LayerPlan], kinds: list[str], trajectory: Trajectory, itemsize: int) -> int:
+        """Bytes of the kept factors or per-sample gradients of every sample-step, an index, and the ``N x p``
+        sums of the dense layers' terms that :meth:`project` forms."""
         rows, n = int(_local_sizes(trajectory).sum()), trajectory.n_samples
-        values = sum(rows * (v[1] + v[2]) if v[0] == "linear" else (rows + n) * v[1] for v in shapes.values())
-        return values * itemsize + rows * torch.empty(0, dtype=torch.long).element_size()
-
-    def attach(self, model: nn.Module) -> None:
-        self.capture.attach(model)
+        values = sum(rows * p.factor_values if k == "factors" else (rows + n) * p.size for p, k in zip(plan, kinds))
+        return values * itemsize + rows * 8
 
     def record(self, step: Step) -> None:
-        """Keep the step's factors (output gradients times ``b_t``: each sample's own) and its gradient."""
+        """Keep the step's share (each sample's own gradient: the mean loss's times ``b_t``) and its gradient."""
         t = step.t
         b, start = int(self.batch_sizes[t]), int(self.starts[t])
-        scale = float(self.trajectory.batch_size_at(t))
-        captured = self.capture.take()
-        column = 0
-        for k, (kind, *sizes) in self.shapes.items():
-            a, g, _ = captured[k]
-            if kind == "linear":
-                self.inputs[k][start : start + b] = a
-                delta = self.deltas[k][start : start + b]
-                delta.copy_(g)
-                delta.mul_(scale)
-            else:
-                dtype = self.conv_grads.dtype
-                self.conv_grads[start : start + b, column : column + sizes[0]] = _conv_sample_gradients(
-                    self.layers[k], a.to(dtype), g.to(dtype) * scale)
-                column += sizes[0]
+        scale = float(self.global_sizes[t])
+        captured = self._entries(step)
+        for k, kind in enumerate(self.kinds):
+            alg, entries = self.algebras[k], captured.get(k, [])
+            if kind == "factors" and not entries:  # the layer did not run this step: no gradient
+                for buffer in self.factors[k]:
+                    buffer[start : start + b] = 0
+                continue
+            if kind == "factors":
+                for buffer, f in zip(self.factors[k], alg.factors(entries[0]["saved"], _deltas(alg, entries[0], scale))):
+                    buffer[start : start + b] = f
+                continue
+            dense = self.dense[k][start : start + b]
+            dense.zero_()
+            for entry in entries:
+                deltas = [d.to(dense.dtype) for d in _deltas(alg, entry, scale)]
+                for rows, g in _dense(alg, _cast(entry["saved"], dense.dtype), deltas):
+                    dense[rows] += g
         self.index[start : start + b] = step.idx
         self.store.record(step)
-
-    def detach(self) -> None:
-        self.capture.detach()
 
     def finish(self) -> None:
         """Nothing to complete after training."""
 
     def state_dict(self) -> dict:
-        return {"inputs": self.inputs, "deltas": self.deltas, "conv_grads": self.conv_grads, "index": self.index,
-                "store": self.store.state_dict()}
+        return {"dense": self.dense, "factors": self.factors, "index": self.index, "store": self.store.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        for k, tensor in state["inputs"].items():
-            self.inputs[k].copy_(tensor)
-        for k, tensor in state["deltas"].items():
-            self.deltas[k].copy_(tensor)
-        if self.conv_grads is not None:
-            self.conv_grads.copy_(state["conv_grads"])
+        for k, tensor in state["dense"].items():
+            self.dense[k].copy_(tensor)
+        for k, tensors in state["factors"].items():
+            for buffer, tensor in zip(self.factors[k], tensors):
+                buffer.copy_(tensor)
         self.index.copy_(state["index"])
         self.store.load_state_dict(state["store"])
 
-    def project(self, directions: torch.Tensor, rows: tuple | None = None, progress=None) -> torch.Tensor:
+    def project(self, directions: torch.Tensor, rows=None, progress=None) -> torch.Tensor:
         """``P[i, k] = <V_k, nabla_{T,i}>`` for every sample, shape (N, K): one backward sweep over the run.
 
         ``rows`` (ghost products) do not apply: the per-step factors ``d_t``
@@ -650,14 +964,9 @@ class StepFactors:
         """
         traj = self.trajectory
         n = traj.n_samples
-        projector = LayerFactorProjector(self.module, self.criterion, directions, n)
-        out = projector.out
-        columns = projector.columns
-        linear = [(k, projector.layers[k]) for k, v in self.shapes.items() if v[0] == "linear"]
-        conv_cols = torch.cat([torch.arange(a, b, device=directions.device)
-                               for k, v in self.shapes.items() if v[0] == "conv"
-                               for a, b in columns[projector.layers[k]]]) if self.p_conv else None
-        conv_sum = directions.new_zeros(n, self.p_conv) if self.p_conv else None
+        cols = self.columns
+        out = directions.new_zeros(n, directions.shape[0])
+        sums = {k: directions.new_zeros(n, self.algebras[k].size) for k in self.dense}
         steps = self.store.walk(reverse=True)
         if progress is not None:
             steps = iter(progress(steps, "scoring", traj.n_steps))
@@ -667,106 +976,25 @@ class StepFactors:
             weight = n / traj.batch_size_at(t)
             idx = self.index[part]
             products = out.new_zeros(idx.shape[0], out.shape[1])
-            for k, m in linear:
-                (w0, w1), *bias = columns[m]
-                block = (directions[:, w0:w1] * d[w0:w1]).reshape(-1, m.in_features)
-                z = (self.inputs[k][part] @ block.T).reshape(idx.shape[0], -1, m.out_features)
-                products += torch.einsum("bo,bko->bk", self.deltas[k][part], z)
-                if bias:
-                    b0, b1 = bias[0]
-                    products += self.deltas[k][part] @ (directions[:, b0:b1] * d[b0:b1]).T
+            for k, buffers in self.factors.items():
+                products += self.algebras[k].products(tuple(f[part] for f in buffers),
+                                                      directions[:, cols[k]] * d[cols[k]])
             out.index_add_(0, idx, products, alpha=weight)
-            if conv_sum is not None:
-                conv_sum.index_add_(0, idx, self.conv_grads[part] * d[conv_cols], alpha=weight)
-        if conv_sum is not None:
-            out += conv_sum @ directions[:, conv_cols].T
+            for k, dense in self.dense.items():
+                sums[k].index_add_(0, idx, dense[part] * d[cols[k]], alpha=weight)
+        for k, s in sums.items():
+            out += s @ directions[:, cols[k]].T
         return out
 
     def close(self) -> None:
-        self.inputs = self.deltas = self.conv_grads = self.index = None
+        self.dense, self.factors, self.index = {}, {}, None
         self.store.close()
 
 
-def _local_sizes(trajectory: Trajectory) -> np.ndarray:
-    sizes = trajectory.batch_sizes()
-    return sizes if trajectory.shard is None else trajectory.shard.local_sizes(sizes)
-
-
-def _capture_output(captured: dict, k: int, m: nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor:
-    """Forward hook of :class:`LayerFactorProjector`: keep layer ``k``'s input and (differentiable) output."""
-    if not out.requires_grad:
-        out.requires_grad_()
-    captured.setdefault(k, []).append((inputs[0].detach(), out))
-    return out.clone()  # later in-place ops must not touch the tensor whose gradient is taken
-
-
-def _note_input(seen: dict, k: int, x_probe: torch.Tensor, x_values: torch.Tensor, m: nn.Module, inputs: tuple,
-                out: torch.Tensor) -> None:
-    """Probe hook of :func:`probe_layers`: the input's dimensions, whether it is the module's own
-    input, unchanged, and the shape of one sample's output."""
-    x = inputs[0]
-    reads_inputs = x is x_probe and torch.equal(x, x_values)
-    seen.setdefault(k, []).append((x.dim(), reads_inputs, tuple(out.shape[1:])))
-
-
-def _set_output_gradient(entry: list, output_nr: int, grad_outputs: tuple) -> None:
-    entry[1] = grad_outputs[output_nr]
-
-
-def _trainable_layers(module: nn.Module) -> list[nn.Module]:
-    return [m for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d))
-            and any(p.requires_grad for p in m.parameters(recurse=False))]
-
-
-#: Above this many unfolded input values per sample (in_channels x kernel size x output
-#: positions), a layer's per-sample gradients use the grouped convolution, below it a
-#: strided view and one batched product (measured on 2 CPU cores over LeNet-5 and
-#: DenseNet-like shapes: the product wins below about 1e5, the convolution above).
-UNFOLD_LIMIT = 100_000
-
-
-def _conv_sample_gradients(m: nn.Conv2d, a: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """Per-sample gradients of a Conv2d's weight and bias, shape (b, p_layer).
-
-    Sample ``i``'s weight gradient correlates its input with its output
-    gradient. Chosen by shape (the same choice every call, so results are
-    reproducible): a 1x1 convolution with stride 1 is a Linear layer over
-    positions (one batched product); a small unfolded input is a strided view
-    of the padded input, copied once, times the output gradients (one batched
-    product); otherwise one grouped convolution (a group per sample, stride
-    and dilation exchanged) does all samples without unfolding.
-    """
-    b, c = a.shape[:2]
-    o, (kh, kw) = m.out_channels, m.kernel_size
-    oh, ow = delta.shape[2:]
-    if (kh, kw) == (1, 1) and m.stride == (1, 1) and m.padding == (0, 0):
-        grad = torch.bmm(delta.reshape(b, o, -1), a.reshape(b, c, -1).transpose(1, 2))
-    elif c * kh * kw * oh * ow <= UNFOLD_LIMIT:
-        (ph, pw), (sh, sw), (dh, dw) = m.padding, m.stride, m.dilation
-        padded = F.pad(a, (pw, pw, ph, ph)) if ph or pw else a.contiguous()
-        s = padded.stride()
-        windows = padded.as_strided((b, c, kh, kw, oh, ow), (s[0], s[1], s[2] * dh, s[3] * dw, s[2] * sh, s[3] * sw))
-        grad = torch.bmm(delta.reshape(b, o, -1), windows.reshape(b, c * kh * kw, oh * ow).transpose(1, 2))
-    else:
-        grad = F.conv2d(a.transpose(0, 1), delta.reshape(b * o, 1, oh, ow),
-                        stride=m.dilation, padding=m.padding, dilation=m.stride, groups=b)
-        grad = grad[:, :, :kh, :kw].reshape(c, b, o, kh, kw).permute(1, 2, 0, 3, 4)
-    parts = [grad.reshape(b, -1)]
-    if m.bias is not None and m.bias.requires_grad:
-        parts.append(delta.sum((2, 3)))
-    return torch.cat(parts, dim=1)
-
-
-def make_projector(
-    module: nn.Module,
-    criterion: nn.Module,
-    directions: torch.Tensor,
-    n_samples: int,
-    rows: tuple[nn.Module, torch.Tensor, torch.Tensor] | None = None,
-    accumulate_bytes: int = 0,
-    autocast: torch.dtype | None = None,
-) -> FunctionalProjector | LayerFactorProjector:
-    """:class:`LayerFactorProjector` where it applies, else :class:`FunctionalProjector`."""
-    if supports_layer_factors(module):
-        return LayerFactorProjector(module, criterion, directions, n_samples, rows, accumulate_bytes, autocast)
-    return FunctionalProjector(module, criterion, directions, n_samples, autocast)
+def _cast(saved, dtype: torch.dtype):
+    """Floating tensors of ``saved`` in ``dtype`` (autocast's low-precision inputs, for the products)."""
+    if isinstance(saved, torch.Tensor):
+        return saved.to(dtype) if saved.is_floating_point() else saved
+    if isinstance(saved, (tuple, list)):
+        return type(saved)(_cast(s, dtype) for s in saved)
+    return saved

@@ -33,7 +33,7 @@ from torch import nn
 from .batches import Inputs, first_inputs
 from .gradients import PerSampleLoss, parameter_dict, unflatten
 from .hypergradient import exact_projections, free_factors, step_weights
-from .projection import FunctionalProjector, StepFactors, TrainingFactors, make_projector
+from .projection import StepFactors, TrainingFactors, has_batch_statistics, make_projector, probe_layers
 from .run_store import RunStore
 from .training import Progress, Recorder, Step, Trajectory, step_rng
 
@@ -73,7 +73,7 @@ class Route(Recorder, Protocol):
 
 
 def plan_route(module: nn.Module, criterion: nn.Module, X: Inputs, y: torch.Tensor, trajectory: Trajectory, *,
-               hessian: str = "free", max_memory: int = 10**9, spill_dir=None) -> Route:
+               hessian: str = "free", max_memory: int = 10**9, spill_dir=None, batchnorm: str = "constant") -> Route:
     """The cheapest route that applies to this run and fits in ``max_memory`` (see the module docstring).
 
     Parameters
@@ -89,24 +89,34 @@ def plan_route(module: nn.Module, criterion: nn.Module, X: Inputs, y: torch.Tens
         Bytes on the data's device for what the route keeps.
     spill_dir : str, optional
         Where :class:`StoredRun` may put the gradients when they do not fit.
+    batchnorm : {"constant", "exact"}, default="constant"
+        For a model with a BatchNorm that uses its batch's statistics in
+        training: the layer route with those statistics held constant in the
+        per-sample derivative (:func:`hydraclean.projection.constant_statistics`),
+        or the exact per-sample gradients through them (the functional route,
+        one JVP per direction).
 
     Raises
     ------
     ValueError
         When ``max_memory`` cannot hold even :class:`StoredRun`'s checkpoints.
     """
+    plan, constant = None, False
     if hessian == "free":
-        probe = first_inputs(X, 2)
-        if trajectory.rule.linear:
-            data = X if isinstance(X, torch.Tensor) else None
-            route = TrainingFactors.plan(module, criterion, probe, trajectory, step_weights(trajectory), max_memory,
-                                         data)
-        else:
-            route = StepFactors.plan(module, criterion, probe, trajectory, max_memory)
+        constant = batchnorm == "constant" and has_batch_statistics(module)
+        probe = first_inputs(X, 5)
+        data = X if isinstance(X, torch.Tensor) and trajectory.rule.linear else None
+        plan = probe_layers(module, criterion, probe, y[: probe.shape[0]], constant_stats=constant, data=data)
+        route = None
+        if plan is not None and trajectory.rule.linear:
+            route = TrainingFactors.plan(module, criterion, None, None, trajectory, step_weights(trajectory),
+                                         max_memory, data, constant, layer_plan=plan)
+        elif plan is not None:
+            route = StepFactors.plan(module, criterion, None, None, trajectory, max_memory, constant, layer_plan=plan)
         if route is not None:
             return route
     return StoredRun(module, criterion, trajectory, X, y, exact=hessian == "exact", max_memory=max_memory,
-                     spill_dir=spill_dir)
+                     spill_dir=spill_dir, plan=plan, constant_stats=constant)
 
 
 class StoredRun:
@@ -138,12 +148,13 @@ class StoredRun:
     """
 
     def __init__(self, module: nn.Module, criterion: nn.Module, trajectory: Trajectory, X: Inputs, y: torch.Tensor,
-                 *, exact: bool, max_memory: int, spill_dir=None) -> None:
+                 *, exact: bool, max_memory: int, spill_dir=None, plan=None, constant_stats: bool = False) -> None:
         like = parameter_dict(module)
         ref = next(iter(like.values()))
         self.module, self.criterion, self.trajectory, self.X, self.y = module, criterion, trajectory, X, y
         self.like = {k: v.detach() for k, v in like.items()}
         self.exact = exact
+        self.plan, self.constant_stats = plan, constant_stats
         self.store = RunStore(trajectory, sum(p.numel() for p in like.values()), ref.dtype, ref.device, max_memory,
                               spill_dir, reverse=exact or not trajectory.rule.linear)
         self.nbytes = self.store.nbytes
@@ -175,17 +186,20 @@ class StoredRun:
         steps = self.store.walk(self.module, self.X, self.y, self.criterion, reverse=reverse)
         if progress is not None:
             steps = iter(progress(steps, "scoring", traj.n_steps))
+        modes = traj.train_modes
         if self.exact:
-            return exact_projections(traj, steps, PerSampleLoss(self.module, self.criterion), self.like, directions, n)
+            return exact_projections(traj, steps, PerSampleLoss(self.module, self.criterion, modes), self.like,
+                                     directions, n)
         if traj.rule.linear:
             weights = step_weights(traj)
-            projector = make_projector(self.module, self.criterion, directions, n, rows, self.accumulate_bytes,
-                                       traj.autocast)
+            projector = make_projector(self.module, self.criterion, directions, n, self.plan, rows,
+                                       self.accumulate_bytes, traj.autocast, modes, self.constant_stats)
             for step in steps:
                 with step_rng(traj.step_seed(step.t), step.xb.device):
                     projector.add(unflatten(step.w, self.like), step.idx, step.xb, step.yb, float(weights[step.t]))
             return projector.result()
-        projector = FunctionalProjector(self.module, self.criterion, directions, n, traj.autocast)
+        projector = make_projector(self.module, self.criterion, directions, n, self.plan, None, 0, traj.autocast,
+                                   modes, self.constant_stats)
         for step, d in free_factors(traj, steps):
             with step_rng(traj.step_seed(step.t), step.xb.device):
                 projector.add(unflatten(step.w, self.like), step.idx, step.xb, step.yb,

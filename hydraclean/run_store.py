@@ -39,6 +39,7 @@ from torch import nn
 
 from .batches import Inputs, step_inputs, step_indices
 from .optimizers import State
+from .modes import set_modes
 from .training import Step, Trajectory, advance, trainable_parameters, write_parameters
 
 __all__ = ["RunStore", "parse_bytes"]
@@ -220,7 +221,7 @@ class RunStore:
         if recompute:
             model = copy.deepcopy(module)
             model.load_state_dict(traj.initial_state)
-            model.train()
+            set_modes(model, traj.train_modes)
             params = trainable_parameters(model)
         for a, b in segments:
             # forward, the whole run is one segment from w_0; otherwise every segment starts at a mark

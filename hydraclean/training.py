@@ -32,6 +32,7 @@ from .batches import Inputs, step_inputs
 from .distributed import Shard
 from .gradients import flatten, parameter_dict
 from .checkpoint import Checkpoints
+from .modes import set_modes, training_modes
 from .optimizers import State, UpdateRule, make_rule
 from .schedules import resolve_schedule
 
@@ -77,6 +78,9 @@ class Trajectory:
         (Adam, AdamW).
     initial_state : dict of str to Tensor
         ``state_dict`` of the module at ``w_0`` (on CPU), set by :func:`train`.
+    train_modes : dict of str to bool
+        Every submodule's train/eval mode during training
+        (:func:`training_modes`), set by :func:`train`.
     autocast : torch.dtype or None
         Lower-precision dtype the training steps' forward passes ran under
         (``torch.autocast``), or None for the module's own dtype.
@@ -91,6 +95,7 @@ class Trajectory:
     rule: UpdateRule
     hyper: dict[str, np.ndarray]
     initial_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    train_modes: dict[str, bool] = field(default_factory=dict)
     autocast: torch.dtype | None = None
     shard: Shard | None = None
 
@@ -381,7 +386,7 @@ def run_training(
         When a step's loss is not finite, naming the epoch and step (checked
         once per epoch so that the GPU is not synchronised at every step).
     """
-    model.train()
+    set_modes(model, trajectory.train_modes or training_modes(model))
     device, dtype = y.device, next(p for p in model.parameters() if p.is_floating_point()).dtype
     params = trainable_parameters(model)
     rule = trajectory.rule
@@ -502,6 +507,7 @@ def train(
     """
     model = copy.deepcopy(module)
     trajectory.initial_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    trajectory.train_modes = training_modes(module)
     history: dict[str, list[float]] = {"valid_loss": [], "valid_accuracy": []}
 
     def evaluate(epoch: int) -> None:
@@ -510,7 +516,7 @@ def train(
         loss, acc = evaluate_model(model, *validation, criterion, shard=trajectory.shard)
         history["valid_loss"].append(loss)
         history["valid_accuracy"].append(acc)
-        model.train()
+        set_modes(model, trajectory.train_modes)
 
     step_loss, step_correct, trace = run_training(
         model, X, y, criterion, trajectory, recorder=recorder, on_epoch_end=evaluate, progress=progress,

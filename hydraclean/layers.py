@@ -1,0 +1,549 @@
+"""Per-layer algebra: each sample's gradient of one layer's own parameters, from what a training step computes.
+
+A training step's forward and backward passes compute, for every layer, its
+inputs and the gradient of the batch's mean loss with respect to its outputs;
+times the batch size, that gradient is each sample's own ``delta_i = d l_i /
+d out_i`` wherever the samples do not interact downstream (no BatchNorm in
+train mode after the layer; :func:`hydraclean.projection.probe_layers` checks
+it on a probe batch). From those alone a layer's per-sample gradients follow
+by its own algebra, with no per-sample backward pass. One small class per
+layer type (the shape of kronfluence's trackers):
+
+- :class:`LinearAlgebra`: ``delta_i a_i'`` summed over positions; it also has
+  compact *factors* ``(a_i, delta_i)``, whose product with a direction ``V`` is
+  ``sum_p delta_ip' V a_ip`` without forming the gradient;
+- :class:`ConvAlgebra`: Conv1d and Conv2d, groups, string padding, any padding
+  mode: the per-sample weight gradient is a correlation of input and output
+  gradient;
+- :class:`EmbeddingAlgebra`, :class:`EmbeddingBagAlgebra`: no dense gradient
+  at all: the factors are the sample's token ids and ``delta``, and
+  ``<V, g_i> = sum over the sample's tokens of V[token] . delta``;
+- :class:`NormAlgebra`: the affine weights of LayerNorm, GroupNorm,
+  InstanceNorm and BatchNorm, elementwise from the normalised input and
+  ``delta``;
+- :class:`AttentionAlgebra`: ``nn.MultiheadAttention``'s input and output
+  projections, caught inside its forward pass as the linear maps they are;
+- :class:`ModuleAlgebra`: any other module with parameters of its own, by
+  ``torch.func`` per-sample gradients of that module alone.
+
+Every class works on tensors whose batch dimension is first (the probe finds
+where it is and :meth:`LayerAlgebra.saved` moves it there) and lays a sample's
+gradient out in the order of the layer's own trainable parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, vjp, vmap
+
+__all__ = [
+    "AttentionAlgebra",
+    "ConvAlgebra",
+    "EmbeddingAlgebra",
+    "EmbeddingBagAlgebra",
+    "LayerAlgebra",
+    "LinearAlgebra",
+    "ModuleAlgebra",
+    "NormAlgebra",
+    "algebra_for",
+]
+
+
+class LayerAlgebra:
+    """The per-sample gradients of one module's own trainable parameters.
+
+    Parameters
+    ----------
+    module : nn.Module
+    batch_dims : sequence of int, optional
+        Where the batch dimension is in the module's tensor inputs and
+        outputs (found by the probe; default 0 everywhere).
+
+    Attributes
+    ----------
+    params : list of nn.Parameter
+        The module's own trainable parameters, in ``named_parameters`` order.
+    size : int
+        Their number of values: the columns of :meth:`gradients`.
+    factored : bool
+        Whether :meth:`factors` and :meth:`products` exist (a compact form
+        whose product with a direction needs no dense gradient).
+    dense : bool
+        Whether :meth:`gradients` may be called (False where a dense
+        per-sample gradient would be absurd: an embedding table per sample).
+    """
+
+    module_types: ClassVar[tuple[type, ...]] = ()
+    factored: ClassVar[bool] = False
+    dense: ClassVar[bool] = True
+    #: Whether the forward pass needs :meth:`forward` around it (a pre-hook per call otherwise spared)
+    watches_forward: ClassVar[bool] = False
+    #: Whether :meth:`saved` reads the keyword arguments of the forward call
+    reads_kwargs: ClassVar[bool] = False
+
+    def __init__(self, module: nn.Module, in_dim: int = 0, out_dim: int = 0) -> None:
+        self.module = module
+        self.params = [p for _, p in module.named_parameters(recurse=False) if p.requires_grad]
+        self.size = sum(p.numel() for p in self.params)
+        self.in_dim, self.out_dim = in_dim, out_dim
+
+    @classmethod
+    def supports(cls, module: nn.Module) -> bool:
+        """Whether this class's algebra holds for ``module`` (its options)."""
+        return True
+
+    # -- what a forward pass leaves -----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def forward(self) -> object:
+        """Entered around the module's forward pass (a place to catch what happens inside it)."""
+        yield
+
+    def saved(self, args: tuple, kwargs: dict, output) -> object:
+        """What the algebra needs from the forward pass: by default the first input, batch first."""
+        x = args[0].detach()
+        return x.movedim(self.in_dim, 0) if self.in_dim else x
+
+    def outputs(self, saved, output) -> list[torch.Tensor]:
+        """The tensors whose loss gradients the algebra needs (batch at ``out_dim``)."""
+        return [output]
+
+    def deltas(self, grads: list[torch.Tensor | None], outputs: list[torch.Tensor], batch: float = 1.0) -> list:
+        """The output gradients batch first, times ``batch`` (the batch size gives each sample's own gradient
+        from the batch mean loss's; the algebra is linear in them, so callers may fold it in elsewhere)."""
+        out = []
+        for g, o in zip(grads, outputs):
+            g = torch.zeros(o.shape, dtype=o.dtype, device=o.device) if g is None else g if batch == 1 else g * batch
+            out.append(g.movedim(self.out_dim, 0) if self.out_dim else g)
+        return out
+
+    # -- the algebra -------------------------------------------------------------------------------
+
+    def gradients(self, saved, deltas: list[torch.Tensor]) -> torch.Tensor:
+        """Per-sample gradients of the layer's trainable parameters, shape (b, size)."""
+        raise NotImplementedError
+
+    def factors(self, saved, deltas: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """The compact form of each sample's gradient (batch first)."""
+        raise NotImplementedError
+
+    def products(self, factors: tuple[torch.Tensor, ...], V: torch.Tensor) -> torch.Tensor:
+        """``<V_k, g_i>`` from the factors, shape (b, K), for ``V`` of shape (K, size)."""
+        raise NotImplementedError
+
+    def apply(self, saved, deltas: list[torch.Tensor], V: torch.Tensor) -> torch.Tensor:
+        """``<V_k, g_i>`` by whichever form the layer has, shape (b, K)."""
+        if self.factored:
+            return self.products(self.factors(saved, deltas), V)
+        return self.gradients(saved, deltas) @ V.T
+
+
+def _flat(parts: Sequence[torch.Tensor], b: int) -> torch.Tensor:
+    return torch.cat([p.reshape(b, -1) for p in parts], dim=1)
+
+
+class LinearAlgebra(LayerAlgebra):
+    """``nn.Linear``, on inputs of any shape ``(b, ..., in)``: ``g_i = sum_p delta_ip a_ip'`` (and ``sum_p
+    delta_ip`` for the bias)."""
+
+    module_types = (nn.Linear,)
+    factored = True
+
+    def __init__(self, module: nn.Linear, in_dim: int = 0, out_dim: int = 0) -> None:
+        super().__init__(module, in_dim, out_dim)
+        self.weight = module.weight.requires_grad
+        self.bias = module.bias is not None and module.bias.requires_grad
+
+    def factors(self, saved, deltas):
+        a, d = saved, deltas[0]
+        b = a.shape[0]
+        return a.reshape(b, -1, a.shape[-1]), d.reshape(b, -1, d.shape[-1])
+
+    def gradients(self, saved, deltas):
+        a, d = self.factors(saved, deltas)
+        parts = [torch.einsum("bpo,bpi->boi", d, a)] if self.weight else []
+        if self.bias:
+            parts.append(d.sum(1))
+        return _flat(parts, a.shape[0])
+
+    def products(self, factors, V):
+        a, d = factors
+        b, positions, n_in = a.shape
+        n_out, k = d.shape[-1], V.shape[0]
+        out = a.new_zeros(b, k)
+        if self.weight:
+            W = V[:, : n_out * n_in]
+            # a V' first (b P K out in multiply-adds), or the per-sample gradient first (b out in (P + K))
+            if positions * k <= positions + k:
+                z = (a @ W.reshape(k * n_out, n_in).T).reshape(b, positions, k, n_out)
+                out += torch.einsum("bpo,bpko->bk", d, z)
+            else:
+                out += torch.einsum("bpo,bpi->boi", d, a).reshape(b, -1) @ W.T
+        if self.bias:
+            out += d.sum(1) @ V[:, -n_out:].T
+        return out
+
+
+#: Above this many unfolded input values per sample (in_channels x kernel size x output
+#: positions), a Conv2d's per-sample gradients use the grouped convolution, below it a
+#: strided view and one batched product (measured on 2 CPU cores over LeNet-5 and
+#: DenseNet-like shapes: the product wins below about 1e5, the convolution above).
+UNFOLD_LIMIT = 100_000
+
+
+class ConvAlgebra(LayerAlgebra):
+    """``nn.Conv1d`` and ``nn.Conv2d``: each sample's weight gradient correlates its input with its output
+    gradient; the bias's sums the output gradient over positions.
+
+    A Conv2d with ``groups=1``, numeric padding and zero padding takes the fast forms of
+    :func:`conv2d_sample_gradients`; every other convolution (groups, string padding,
+    reflect or circular padding, Conv1d) takes the weight gradient of its own forward, sample by
+    sample under ``vmap``.
+    """
+
+    module_types = (nn.Conv1d, nn.Conv2d)
+
+    def __init__(self, module, in_dim: int = 0, out_dim: int = 0) -> None:
+        super().__init__(module, in_dim, out_dim)
+        self.weight = module.weight.requires_grad
+        self.bias = module.bias is not None and module.bias.requires_grad
+        self.fast = (isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
+                     and not isinstance(module.padding, str))
+
+    def gradients(self, saved, deltas):
+        a, d = saved, deltas[0]
+        b = a.shape[0]
+        parts = []
+        if self.weight:
+            parts.append(conv2d_sample_gradients(self.module, a, d) if self.fast else self._vmapped(a, d))
+        if self.bias:
+            parts.append(d.reshape(b, d.shape[1], -1).sum(2))
+        return _flat(parts, b)
+
+    def _vmapped(self, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        m, weight = self.module, self.module.weight.detach()
+
+        def one(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+            return vjp(lambda w: m._conv_forward(x.unsqueeze(0), w, None), weight)[1](delta.unsqueeze(0))[0]
+
+        return vmap(one)(a, d)
+
+
+def conv2d_sample_gradients(m: nn.Conv2d, a: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Per-sample gradients of a Conv2d's weight (groups 1, numeric zero padding), shape (b, out, in, kh, kw).
+
+    Chosen by shape (the same choice every call, so results are reproducible): a 1x1
+    convolution with stride 1 is a Linear layer over positions (one batched product); a small
+    unfolded input is a strided view of the padded input, copied once, times the output
+    gradients (one batched product); otherwise one grouped convolution (a group per sample,
+    stride and dilation exchanged) does all samples without unfolding.
+    """
+    b, c = a.shape[:2]
+    o, (kh, kw) = m.out_channels, m.kernel_size
+    oh, ow = delta.shape[2:]
+    if (kh, kw) == (1, 1) and m.stride == (1, 1) and m.padding == (0, 0):
+        grad = torch.bmm(delta.reshape(b, o, -1), a.reshape(b, c, -1).transpose(1, 2))
+    elif c * kh * kw * oh * ow <= UNFOLD_LIMIT:
+        (ph, pw), (sh, sw), (dh, dw) = m.padding, m.stride, m.dilation
+        padded = F.pad(a, (pw, pw, ph, ph)) if ph or pw else a.contiguous()
+        s = padded.stride()
+        windows = padded.as_strided((b, c, kh, kw, oh, ow), (s[0], s[1], s[2] * dh, s[3] * dw, s[2] * sh, s[3] * sw))
+        grad = torch.bmm(delta.reshape(b, o, -1), windows.reshape(b, c * kh * kw, oh * ow).transpose(1, 2))
+    else:
+        grad = F.conv2d(a.transpose(0, 1), delta.reshape(b * o, 1, oh, ow),
+                        stride=m.dilation, padding=m.padding, dilation=m.stride, groups=b)
+        grad = grad[:, :, :kh, :kw].reshape(c, b, o, kh, kw).permute(1, 2, 0, 3, 4)
+    return grad.reshape(b, o, c, kh, kw)
+
+
+class EmbeddingAlgebra(LayerAlgebra):
+    """``nn.Embedding``: no dense gradient (a table per sample); ``<V, g_i> = sum_t V[id_t] . delta_t`` over
+    the sample's tokens, ``padding_idx`` tokens excluded (torch gives that row no gradient)."""
+
+    module_types = (nn.Embedding,)
+    factored = True
+    dense = False
+
+    @classmethod
+    def supports(cls, module) -> bool:
+        # max_norm renormalises the table in place in the forward pass; scale_grad_by_freq divides by counts
+        # over the whole batch (the samples interact); sparse gradients are another layout
+        return module.max_norm is None and not module.scale_grad_by_freq and not module.sparse
+
+    def factors(self, saved, deltas):
+        ids, d = saved, deltas[0]
+        b = ids.shape[0]
+        ids, d = ids.reshape(b, -1), d.reshape(b, -1, d.shape[-1])
+        if self.module.padding_idx is not None:
+            d = d * (ids != self.module.padding_idx).unsqueeze(-1)
+        return ids, d
+
+    def products(self, factors, V):
+        ids, d = factors
+        table = V.reshape(V.shape[0], self.module.num_embeddings, self.module.embedding_dim)
+        return torch.einsum("kbtd,btd->bk", table[:, ids], d)
+
+
+class EmbeddingBagAlgebra(LayerAlgebra):
+    """``nn.EmbeddingBag`` with 2-D input (one bag per row) and mode "sum" or "mean": ``<V, g_i> =
+    sum_t w_t V[id_t] . delta_i``, with ``w_t`` the bag's weight of token ``t`` (1, ``1/len`` or
+    ``per_sample_weights``; 0 for ``padding_idx``)."""
+
+    module_types = (nn.EmbeddingBag,)
+    factored = True
+    dense = False
+    reads_kwargs = True
+
+    @classmethod
+    def supports(cls, module) -> bool:
+        return module.mode in ("sum", "mean") and module.max_norm is None and not module.scale_grad_by_freq \
+            and not module.sparse
+
+    def saved(self, args, kwargs, output):
+        ids = args[0]
+        offsets = args[1] if len(args) > 1 else kwargs.get("offsets")
+        weights = args[2] if len(args) > 2 else kwargs.get("per_sample_weights")
+        if ids.dim() != 2 or offsets is not None:
+            raise ValueError("EmbeddingBagAlgebra takes bags as rows of a 2-D input.")
+        return ids.detach(), None if weights is None else weights.detach()
+
+    def factors(self, saved, deltas):
+        ids, weights = saved
+        w = torch.ones_like(ids, dtype=deltas[0].dtype) if weights is None else weights.to(deltas[0].dtype)
+        if self.module.padding_idx is not None:
+            w = w * (ids != self.module.padding_idx)
+        if self.module.mode == "mean":
+            w = w / w.ne(0).sum(1, keepdim=True).clamp(min=1) if weights is None else w / ids.shape[1]
+        return ids, w, deltas[0]
+
+    def products(self, factors, V):
+        ids, w, d = factors
+        table = V.reshape(V.shape[0], self.module.num_embeddings, self.module.embedding_dim)
+        return torch.einsum("kbtd,bt,bd->bk", table[:, ids], w, d)
+
+
+class NormAlgebra(LayerAlgebra):
+    """The affine weights of ``nn.LayerNorm``, ``nn.GroupNorm``, ``nn.InstanceNorm*d`` and ``nn.BatchNorm*d``:
+    ``g_i(weight) = sum delta_i * xhat_i`` and ``g_i(bias) = sum delta_i`` over everything but the
+    parameter's own axes, with ``xhat`` the normalised input (a BatchNorm in train mode normalises with the
+    batch's statistics, in eval mode with its running ones)."""
+
+    module_types = (nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm,
+                    nn.modules.batchnorm._BatchNorm)
+
+    def __init__(self, module, in_dim: int = 0, out_dim: int = 0) -> None:
+        super().__init__(module, in_dim, out_dim)
+        self.weight = module.weight is not None and module.weight.requires_grad
+        self.bias = module.bias is not None and module.bias.requires_grad
+
+    def saved(self, args, kwargs, output):
+        return normalised(self.module, args[0].detach()).movedim(self.in_dim, 0)
+
+    def gradients(self, saved, deltas):
+        xhat, d = saved, deltas[0]
+        b = d.shape[0]
+        if isinstance(self.module, nn.LayerNorm):  # the parameters span the last dimensions
+            axes = tuple(range(1, d.dim() - len(self.module.normalized_shape)))
+        else:  # one value per channel, axis 1
+            axes = (0, *range(2, d.dim()))[1:]
+        parts = []
+        if self.weight:
+            parts.append((d * xhat).sum(axes) if axes else d * xhat)
+        if self.bias:
+            parts.append(d.sum(axes) if axes else d)
+        return _flat(parts, b)
+
+
+def normalised(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The input as normalised by ``m`` before its affine step (statistics as the module's forward takes them)."""
+    if isinstance(m, nn.LayerNorm):
+        axes = tuple(range(x.dim() - len(m.normalized_shape), x.dim()))
+        mean, var = x.mean(axes, keepdim=True), x.var(axes, unbiased=False, keepdim=True)
+        return (x - mean) / torch.sqrt(var + m.eps)
+    if isinstance(m, nn.GroupNorm):
+        g = x.reshape(x.shape[0], m.num_groups, -1)
+        mean, var = g.mean(2, keepdim=True), g.var(2, unbiased=False, keepdim=True)
+        return ((g - mean) / torch.sqrt(var + m.eps)).reshape(x.shape)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    use_batch = m.training or m.running_mean is None
+    if isinstance(m, nn.modules.instancenorm._InstanceNorm) and use_batch:
+        axes = tuple(range(2, x.dim()))  # each sample and channel by itself
+    elif use_batch:
+        axes = (0, *range(2, x.dim()))  # BatchNorm: the batch's statistics
+    else:
+        return (x - m.running_mean.reshape(shape)) / torch.sqrt(m.running_var.reshape(shape) + m.eps)
+    mean, var = x.mean(axes, keepdim=True), x.var(axes, unbiased=False, keepdim=True)
+    return (x - mean) / torch.sqrt(var + m.eps)
+
+
+class AttentionAlgebra(LayerAlgebra):
+    """``nn.MultiheadAttention``: its input projection and its output projection are linear maps applied
+    inside its forward pass; they are caught there (``F.linear`` watched around the forward), so each
+    sample's gradient is ``sum_p delta_ip a_ip'`` for both, with the training step's own attention
+    dropout. The rows of ``in_proj_weight`` that a projection call reads (query, key and value may be
+    separate calls) get that call's gradient. Inside the forward every sequence tensor is (L, b, E), the
+    output projection's input flattened to (L b, E)."""
+
+    module_types = (nn.MultiheadAttention,)
+    watches_forward = True
+
+    def __init__(self, module: nn.MultiheadAttention, in_dim: int = 0, out_dim: int = 0) -> None:
+        super().__init__(module, in_dim, out_dim)
+        self.params = self._trainable()
+        self.size = sum(p.numel() for p in self.params)
+        self._calls: list = []
+
+    @classmethod
+    def supports(cls, module) -> bool:
+        return module._qkv_same_embed_dim and module.bias_k is None
+
+    @contextlib.contextmanager
+    def forward(self):
+        self._calls = []
+        weights = {self.module.in_proj_weight: "in", self.module.out_proj.weight: "out"}
+        with _LinearCalls(weights, self._calls):
+            yield
+
+    def saved(self, args, kwargs, output):
+        calls, self._calls = self._calls, []
+        length, batch = next(a.shape[:2] for which, _, a, _ in calls if which == "in")
+        self._shape = (length, batch)
+        self._outputs = [out for *_, out in calls]
+        return [(which, rows, a.detach().reshape(length, batch, -1).transpose(0, 1)) for which, rows, a, _ in calls]
+
+    def outputs(self, saved, output):
+        outputs, self._outputs = self._outputs, None  # the caught projections' outputs, handed over once
+        return outputs
+
+    def deltas(self, grads, outputs, batch=1.0):
+        length, b = self._shape
+        return [(torch.zeros(o.shape, dtype=o.dtype, device=o.device) if g is None else g if batch == 1 else
+                 g * batch).reshape(length, b, -1).transpose(0, 1) for g, o in zip(grads, outputs)]
+
+    def gradients(self, saved, deltas):
+        calls = saved
+        b = calls[0][2].shape[0]
+        m = self.module
+        grads = {id(p): torch.zeros(b, *p.shape, dtype=deltas[0].dtype, device=deltas[0].device)
+                 for p in self._all()}
+        for (which, rows, a), d in zip(calls, deltas):
+            weight, bias = (m.in_proj_weight, m.in_proj_bias) if which == "in" else (m.out_proj.weight,
+                                                                                     m.out_proj.bias)
+            grads[id(weight)][:, rows] += torch.einsum("bpo,bpi->boi", d, a)
+            if bias is not None:
+                grads[id(bias)][:, rows] += d.sum(1)
+        return _flat([grads[id(p)] for p in self.params], b)
+
+    def _all(self) -> list[nn.Parameter]:
+        m = self.module
+        return [p for p in (m.in_proj_weight, m.in_proj_bias, m.out_proj.weight, m.out_proj.bias) if p is not None]
+
+    def _trainable(self) -> list[nn.Parameter]:
+        return [p for p in self._all() if p.requires_grad]
+
+
+@contextlib.contextmanager
+def _LinearCalls(weights: dict, calls: list):
+    """While active, ``F.linear`` calls (as ``F.multi_head_attention_forward`` makes them, through the
+    module-level name) whose weight is (a row block of) one of ``weights`` are noted: (which, rows, input,
+    output) into ``calls``."""
+    original = F.linear
+    spans = [(w.untyped_storage().data_ptr(), w.data_ptr(), w.stride(0) * w.element_size(), name)
+             for w, name in weights.items()]
+
+    def linear(input, weight, bias=None):
+        out = original(input, weight, bias)
+        for storage, start, row_bytes, name in spans:
+            if weight.untyped_storage().data_ptr() == storage and weight.data_ptr() >= start:
+                first = (weight.data_ptr() - start) // row_bytes
+                calls.append((name, slice(first, first + weight.shape[0]), input, out))
+                break
+        return out
+
+    F.linear = linear
+    try:
+        yield
+    finally:
+        F.linear = original
+
+
+class ModuleAlgebra(LayerAlgebra):
+    """Any other module with trainable parameters of its own: ``torch.func`` per-sample gradients of that
+    module alone (``vjp`` of its forward on one sample, under ``vmap``), from its inputs and output gradient.
+
+    Holds when the module treats the samples of a batch separately and draws no random numbers (the
+    probe checks it against the whole model's per-sample gradients).
+    """
+
+    reads_kwargs = True
+
+    def __init__(self, module: nn.Module, in_dim: int = 0, out_dim: int = 0) -> None:
+        super().__init__(module, in_dim, out_dim)
+        self.names = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+
+    def saved(self, args, kwargs, output):
+        """The tensor inputs batch first (the first input's batch dimension, for all), the others as they are."""
+        return tuple(a.detach().movedim(self.in_dim, 0) if isinstance(a, torch.Tensor) else a for a in args), kwargs
+
+    def gradients(self, saved, deltas):
+        args, kwargs = saved
+        m, dim = self.module, self.in_dim
+        params = {n: p.detach() for n, p in zip(self.names, self.params)}
+        tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+
+        def one(delta, *sample):
+            call = list(args)
+            for i, x in zip(tensors, sample):
+                call[i] = x.unsqueeze(dim)
+
+            def f(p):
+                out = functional_call(m, p, tuple(call), kwargs, strict=False)
+                return out.squeeze(self.out_dim)
+
+            grads = vjp(f, params)[1](delta)[0]
+            return torch.cat([grads[n].reshape(-1) for n in self.names])
+
+        return vmap(one)(deltas[0], *[args[i] for i in tensors])
+
+
+_ALGEBRAS = [LinearAlgebra, ConvAlgebra, EmbeddingAlgebra, EmbeddingBagAlgebra, NormAlgebra, AttentionAlgebra]
+
+
+def algebra_for(module: nn.Module) -> type[LayerAlgebra]:
+    """The class for ``module``: its type's, when the type's algebra holds for its options, else
+    :class:`ModuleAlgebra`."""
+    for cls in _ALGEBRAS:
+        if isinstance(module, cls.module_types):
+            return cls if cls.supports(module) else ModuleAlgebra
+    return ModuleAlgebra
+
+
+def owns_trainable(module: nn.Module) -> bool:
+    """Whether ``module`` has trainable parameters of its own (an ``nn.MultiheadAttention`` owns its
+    output projection's too)."""
+    if any(p.requires_grad for p in module.parameters(recurse=False)):
+        return True
+    return isinstance(module, nn.MultiheadAttention) and any(p.requires_grad for p in module.parameters())
+
+
+def layers_of(model: nn.Module) -> list[nn.Module]:
+    """The modules whose algebra covers every trainable parameter, in ``model.modules()`` order: those with
+    trainable parameters of their own, an attention module's projection submodule excepted."""
+    inside = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    return [m for m in model.modules() if id(m) not in inside and owns_trainable(m)]
+
+
+def column_ranges(model: nn.Module, layer: nn.Module, algebra: LayerAlgebra) -> list[tuple[int, int]]:
+    """Where the layer's trainable parameters (its algebra's order) sit in the model's flat parameter vector."""
+    offsets, start = {}, 0
+    for p in model.parameters():
+        if p.requires_grad:
+            offsets[id(p)] = (start, start + p.numel())
+            start += p.numel()
+    return [offsets[id(p)] for p in algebra.params]
