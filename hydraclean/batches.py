@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from .data import input_dtype
+
 if TYPE_CHECKING:
     from .training import Trajectory
 
@@ -97,7 +99,8 @@ class DatasetInputs:
     device : torch.device
         Where the batches go.
     dtype : torch.dtype
-        The module's floating dtype; inputs are cast to it.
+        The module's floating dtype; floating (and other non-token) inputs are
+        cast to it, int64 and int32 token ids reach the module as they are.
     num_workers : int, default=0
         ``DataLoader`` worker processes.
     pin_memory : bool, default=False
@@ -121,7 +124,8 @@ class DatasetInputs:
         order = torch.as_tensor(trajectory.order)
         loader = _loader(self.dataset, _StepKeys(trajectory, order, steps), self.num_workers, self.pin_memory)
         for (t, rows), xb in zip(_batches(trajectory, order, steps), loader):
-            yield t, rows.to(self.device), xb.to(self.device, dtype=self.dtype, non_blocking=self.pin_memory)
+            yield t, rows.to(self.device), xb.to(self.device, dtype=input_dtype(xb.dtype, self.dtype),
+                                                 non_blocking=self.pin_memory)
 
 
 def _loader(dataset: Dataset, keys: Iterable[list[tuple[int, int]]], num_workers: int = 0,
@@ -188,7 +192,7 @@ def first_inputs(X: Inputs, k: int) -> torch.Tensor:
     if isinstance(X, DatasetInputs):
         items = _SeededItems(X.dataset)
         xb = torch.stack([items[(0, i)] for i in range(min(k, len(X)))])
-        return xb.to(X.device, dtype=X.dtype)
+        return xb.to(X.device, dtype=input_dtype(xb.dtype, X.dtype))
     return X[:k]
 
 

@@ -12,6 +12,9 @@ from sklearn.model_selection import train_test_split
 from sklearn.utils import _safe_indexing
 
 __all__ = [
+    "check_token_ids",
+    "input_dtype",
+    "is_token_ids",
     "check_features",
     "check_labels",
     "dataset_labels",
@@ -118,6 +121,44 @@ def _where(shape: tuple[int, ...], flat: int) -> str:
     if len(shape) == 2:
         return f"row {row}, column {rest}"
     return f"row {row}, position {tuple(int(i) for i in np.unravel_index(rest, shape[1:]))}"
+
+
+#: Integer dtypes that reach the module as they are: token ids (nn.Embedding takes int64 and int32).
+TOKEN_DTYPES = (np.int64, np.int32)
+
+
+def input_dtype(values_dtype, module_dtype: torch.dtype) -> torch.dtype:
+    """The dtype inputs reach the module in: int64 and int32 (token ids) as they are, everything else (floats,
+    uint8 image bytes, booleans) in the module's floating dtype. ``values_dtype`` is numpy's or torch's."""
+    tokens = {torch.int64: torch.int64, torch.int32: torch.int32, np.dtype(np.int64): torch.int64,
+              np.dtype(np.int32): torch.int32}
+    key = values_dtype if isinstance(values_dtype, torch.dtype) else np.dtype(values_dtype)
+    return tokens.get(key, module_dtype)
+
+
+def is_token_ids(X) -> bool:
+    """Whether ``X`` (an array) holds token ids: int64 or int32."""
+    return np.dtype(X.dtype).type in TOKEN_DTYPES
+
+
+def check_token_ids(X: np.ndarray, module: torch.nn.Module, name: str = "X") -> None:
+    """Refuse token ids an embedding of ``module`` cannot look up, naming them and the vocabulary size.
+
+    Negative ids are never valid; ids at or above ``num_embeddings`` of every
+    ``nn.Embedding`` and ``nn.EmbeddingBag`` of the module are out of every
+    vocabulary.
+    """
+    if not is_token_ids(X) or X.size == 0:
+        return
+    low, high = int(X.min()), int(X.max())
+    if low < 0:
+        where = np.unravel_index(int(np.argmin(X)), X.shape)
+        raise ValueError(f"{name} holds the negative token id {low} (at {tuple(int(i) for i in where)}); token ids "
+                         "index an embedding table and must lie in [0, vocabulary size).")
+    sizes = [m.num_embeddings for m in module.modules() if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))]
+    if sizes and high >= max(sizes):
+        raise ValueError(f"{name} holds the token id {high}, but the module's embeddings have at most {max(sizes)} "
+                         f"rows (ids 0 to {max(sizes) - 1}); enlarge num_embeddings or map the ids into the vocabulary.")
 
 
 def scale_mismatch(X_train: np.ndarray, X_val: np.ndarray, shift_limit: float = 1.0, ratio_limit: float = 2.0) -> str | None:

@@ -40,7 +40,10 @@ from .distributed import current_shard
 from .data import (
     check_features,
     check_labels,
+    check_token_ids,
     dataset_labels,
+    input_dtype,
+    is_token_ids,
     is_dataset,
     resolve_validation_rows,
     scale_mismatch,
@@ -107,6 +110,7 @@ class _HydraBase(BaseEstimator):
         "drop_fraction": [Interval(Real, 0, 1, closed="both"), StrOptions({"auto"})],
         "n_val_features": [Interval(Integral, 1, None, closed="left")],
         "hessian": [StrOptions({"free", "exact"})],
+        "batchnorm": [StrOptions({"constant", "exact"})],
         "max_epochs": [Interval(Integral, 1, None, closed="left")],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "optimizer": [type],
@@ -138,6 +142,7 @@ class _HydraBase(BaseEstimator):
         drop_fraction: float | str = "auto",
         n_val_features: int = 1000,
         hessian: str = "free",
+        batchnorm: str = "constant",
         max_epochs: int = 10,
         batch_size: int = 64,
         optimizer: type = torch.optim.SGD,
@@ -166,6 +171,7 @@ class _HydraBase(BaseEstimator):
         self.drop_fraction = drop_fraction
         self.n_val_features = n_val_features
         self.hessian = hessian
+        self.batchnorm = batchnorm
         self.max_epochs = max_epochs
         self.batch_size = batch_size
         self.optimizer = optimizer
@@ -311,14 +317,14 @@ class _HydraBase(BaseEstimator):
         dtype = _floating_dtype(self.module_)
         X_tr = self._training_inputs(self._train_data[0], device, dtype)
         y_tr = self._train_data[1].to(device)
-        Xv_t = torch.as_tensor(Xv, dtype=dtype, device=device)
+        Xv_t = torch.as_tensor(Xv, dtype=input_dtype(Xv.dtype, dtype), device=device)
         yv_t = torch.as_tensor(np.searchsorted(self.classes_, yv), device=device)
         model = self.module_.to(device)
         G = per_sample_validation_gradients(model, Xv_t, yv_t, self._criterion, torch.arange(len(yv), device=device))
         # module_ supplies the architecture; the replay starts from the recorded w_0
         trajectory = replace(self.trajectory_, shard=current_shard(self.distributed))
         route = plan_route(model, self._criterion, X_tr, y_tr, trajectory, max_memory=parse_bytes(self.max_memory),
-                           spill_dir=self.spill_dir)
+                           spill_dir=self.spill_dir, batchnorm=self.batchnorm)
         try:
             replay(trajectory, model, X_tr, y_tr, self._criterion, route, progress=self._progress())
             route.finish()
@@ -411,7 +417,7 @@ class _HydraBase(BaseEstimator):
                     f"X_val has trailing shape {X_v.shape[1:]} but X has {tuple(shape)}; "
                     "both must be shaped as the module expects."
                 )
-            mismatch = None if dataset else scale_mismatch(X_tr, X_v)
+            mismatch = None if dataset or is_token_ids(X_tr) else scale_mismatch(X_tr, X_v)
             if mismatch:
                 warnings.warn(mismatch, UserWarning, stacklevel=4)
         if len(y_tr) == 0:
@@ -451,8 +457,11 @@ class _HydraBase(BaseEstimator):
             )
         criterion = self._resolve_criterion()
         to = lambda a, dt: torch.as_tensor(a, dtype=dt, device=device)  # noqa: E731
+        if not is_dataset(data.X_train):
+            check_token_ids(data.X_train, module)
+        check_token_ids(data.X_val, module, "X_val")
         Xt = self._training_inputs(data.X_train, device, dtype)
-        Xv = to(data.X_val, dtype)
+        Xv = to(data.X_val, input_dtype(data.X_val.dtype, dtype))
         yt, yv = to(data.y_train, torch.long), to(data.y_val, torch.long)
         _check_forward(module, first_inputs(Xt, 2), data.classes.size)
         _check_batch_norm_batches(module, len(yt), self.batch_size)
@@ -501,6 +510,7 @@ class _HydraBase(BaseEstimator):
             max_memory=max_memory,
             spill_dir=self.spill_dir,
             checkpoint=checkpoint,
+            batchnorm=self.batchnorm,
         )
         if checkpoint is not None and not self.keep_checkpoint:
             checkpoint.clear()
@@ -567,7 +577,7 @@ class _HydraBase(BaseEstimator):
         """The training inputs on ``device``: one tensor, or a Dataset's loader (pinned memory for a GPU)."""
         if is_dataset(X):
             return DatasetInputs(X, device, dtype, num_workers=self.num_workers, pin_memory=device.type == "cuda")
-        return torch.as_tensor(X, dtype=dtype, device=device)
+        return torch.as_tensor(X, dtype=input_dtype(X.dtype, dtype), device=device)
 
     def _resolve_device(self) -> torch.device:
         if isinstance(self.device, str) and self.device == "auto":
@@ -696,8 +706,9 @@ def _check_forward(module: nn.Module, x: torch.Tensor, n_classes: int) -> None:
             out = probe(x)
     except Exception as exc:
         raise ValueError(
-            f"The module's forward pass failed on an input batch of shape {tuple(x.shape)} "
-            f"({type(exc).__name__}: {exc}). Check that X is shaped as the module expects."
+            f"The module's forward pass failed on an input batch of shape {tuple(x.shape)} and dtype {x.dtype} "
+            f"({type(exc).__name__}: {exc}). Check that X is shaped as the module expects (int64 and int32 inputs "
+            "reach it as token ids, every other dtype as the module's floating dtype)."
         ) from exc
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] != n_classes:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -776,6 +787,15 @@ class HydraLabelCleaner(TransformerMixin, _HydraBase):
         product per step and projected direction (one for
         ``scoring="contribution"``, one per class for the class-resolved
         scores).
+    batchnorm : {"constant", "exact"}, default="constant"
+        Only for a module with a BatchNorm that normalises with its batch's
+        statistics in training (train mode): with ``hessian="free"``, each
+        sample's gradient either holds those statistics constant
+        (``"constant"``: the layer-factor route, about the cost of a model
+        without BatchNorm) or keeps their dependence on the weights
+        (``"exact"``: the definition of DESIGN.md section 1, one forward-mode
+        JVP per direction and step). The user guide gives the measured
+        difference between them.
     max_epochs : int, default=10
     batch_size : int, default=64
         The last batch of an epoch keeps the remainder.

@@ -33,6 +33,7 @@ from torch import nn
 from .batches import Inputs, first_inputs
 from .gradients import PerSampleLoss, parameter_dict, unflatten
 from .hypergradient import exact_projections, free_factors, step_weights
+from .modes import training_modes
 from .projection import StepFactors, TrainingFactors, has_batch_statistics, make_projector, probe_layers
 from .run_store import RunStore
 from .training import Progress, Recorder, Step, Trajectory, step_rng
@@ -103,10 +104,12 @@ def plan_route(module: nn.Module, criterion: nn.Module, X: Inputs, y: torch.Tens
     """
     plan, constant = None, False
     if hessian == "free":
-        constant = batchnorm == "constant" and has_batch_statistics(module)
+        modes = trajectory.train_modes or training_modes(module)  # a replay's: the run's recorded modes
+        constant = batchnorm == "constant" and has_batch_statistics(module, modes)
         probe = first_inputs(X, 5)
         data = X if isinstance(X, torch.Tensor) and trajectory.rule.linear else None
-        plan = probe_layers(module, criterion, probe, y[: probe.shape[0]], constant_stats=constant, data=data)
+        plan = probe_layers(module, criterion, probe, y[: probe.shape[0]], modes=modes, constant_stats=constant,
+                            data=data)
         route = None
         if plan is not None and trajectory.rule.linear:
             route = TrainingFactors.plan(module, criterion, None, None, trajectory, step_weights(trajectory),
