@@ -1,5 +1,5 @@
 """Offline data: scikit-learn's digits as images, Fashion-MNIST from local IDX files,
-torchvision datasets from local files, and seeded label noise.
+torchvision datasets from local files, synthetic topic documents as token ids, and seeded label noise.
 
 Nothing here downloads.
 """
@@ -14,7 +14,7 @@ import numpy as np
 from sklearn.datasets import load_digits
 from sklearn.utils import check_random_state
 
-__all__ = ["load_digits_images", "load_fashion_mnist", "load_torchvision", "make_label_noise"]
+__all__ = ["load_digits_images", "load_fashion_mnist", "load_torchvision", "make_label_noise", "make_topic_tokens"]
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 _FASHION_FILES = {
@@ -129,6 +129,58 @@ def load_torchvision(name: str, root: str | os.PathLike, train: bool = True) -> 
     data = np.asarray(ds.data, dtype=np.float32) / 255.0
     X = data[:, None] if data.ndim == 3 else data.transpose(0, 3, 1, 2)
     return np.ascontiguousarray(X), np.asarray(ds.targets, dtype=np.int64)
+
+
+def make_topic_tokens(
+    n_samples: int,
+    n_classes: int = 4,
+    vocab_size: int = 1000,
+    length: int = 32,
+    topic_words: int = 40,
+    topic_share: float = 0.25,
+    random_state=None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Synthetic documents as token ids: each class is a topic with words of its own.
+
+    Every class owns ``topic_words`` ids of the vocabulary; a document of
+    class ``c`` draws each of its ``length`` tokens from class ``c``'s words
+    with probability ``topic_share`` (uniformly), else from the whole
+    vocabulary by Zipf's law (the shared background words). Nothing is
+    downloaded.
+
+    Parameters
+    ----------
+    n_samples : int
+    n_classes : int, default=4
+    vocab_size : int, default=1000
+        Must hold every class's topic words.
+    length : int, default=32
+        Tokens per document.
+    topic_words : int, default=40
+    topic_share : float, default=0.25
+        Expected share of a document's tokens that are its topic's words.
+    random_state : int, RandomState instance or None
+
+    Returns
+    -------
+    X : ndarray of shape (n_samples, length), int64
+        Token ids in ``0..vocab_size-1``.
+    y : ndarray of shape (n_samples,), int64
+        Classes ``0..n_classes-1``, balanced.
+    """
+    if n_classes * topic_words > vocab_size:
+        raise ValueError(f"vocab_size={vocab_size} cannot hold {n_classes} topics of {topic_words} words; "
+                         "raise vocab_size or lower topic_words.")
+    rng = check_random_state(random_state)
+    y = rng.permutation(np.arange(n_samples) % n_classes).astype(np.int64)
+    topics = rng.permutation(vocab_size)[: n_classes * topic_words].reshape(n_classes, topic_words)
+    background = 1.0 / np.arange(1, vocab_size + 1)
+    background = rng.permutation(background / background.sum())
+    X = rng.choice(vocab_size, size=(n_samples, length), p=background)
+    topical = rng.random_sample((n_samples, length)) < topic_share
+    words = topics[y[:, None], rng.randint(topic_words, size=(n_samples, length))]
+    X[topical] = words[topical]
+    return X.astype(np.int64), y
 
 
 def make_label_noise(
