@@ -38,7 +38,7 @@ from typing import ClassVar, Protocol
 
 import torch
 
-__all__ = ["SUPPORTED", "SGD", "Adam", "AdamW", "State", "UpdateRule", "make_rule"]
+__all__ = ["SUPPORTED", "SGD", "Adam", "AdamW", "State", "UpdateRule", "make_rule", "step_in_place"]
 
 #: The optimizer state: flat tensors of the parameters' shape (n_params,).
 State = tuple[torch.Tensor, ...]
@@ -203,6 +203,27 @@ SUPPORTED: dict[type, type] = {torch.optim.SGD: SGD, torch.optim.Adam: Adam, tor
 
 #: Options that change how torch runs the step, not what it computes (hydraclean runs the step itself).
 _IMPLEMENTATION = {"foreach", "fused", "capturable", "differentiable"}
+
+
+#: Values per block of :func:`step_in_place`: small enough that the update's temporaries are reused by the
+#: allocator instead of being mapped afresh (and page-faulted) every step, as a whole model's would be.
+STEP_BLOCK = 2**20
+
+
+def step_in_place(rule: UpdateRule, w: torch.Tensor, state: State, g: torch.Tensor, t: int,
+                  hyper: Mapping[str, float]) -> None:
+    """``(w, state) <- rule.step(w, state, g, t, hyper)``, written into ``w`` and ``state``.
+
+    The rule is elementwise, so it is applied block by block of
+    :data:`STEP_BLOCK` values: bit for bit the pure step, without a model-sized
+    temporary per operation. ``g`` is only read.
+    """
+    for start in range(0, w.numel(), STEP_BLOCK):
+        block = slice(start, start + STEP_BLOCK)
+        w_new, state_new = rule.step(w[block], tuple(s[block] for s in state), g[block], t, hyper)
+        w[block].copy_(w_new)
+        for s, new in zip(state, state_new):
+            s[block].copy_(new)
 
 
 def make_rule(optimizer: type, options: Mapping[str, object], *, momentum: float, lr: float | None,

@@ -33,7 +33,7 @@ from .distributed import Shard
 from .gradients import flatten, parameter_dict
 from .checkpoint import Checkpoints
 from .modes import set_modes, training_modes
-from .optimizers import State, UpdateRule, make_rule
+from .optimizers import State, UpdateRule, make_rule, step_in_place
 from .schedules import resolve_schedule
 
 __all__ = [
@@ -208,6 +208,9 @@ class Step:
         ``s_{t-1}``, the optimizer state (flat).
     g : Tensor of shape (n_params,)
         ``g_t``, the gradient of the (global) batch's mean loss at ``w_{t-1}``.
+    captured : dict, optional
+        What a layer capture caught in the pass that computed ``g_t`` (a
+        walk that recomputes steps, asked to).
     """
 
     t: int
@@ -217,6 +220,7 @@ class Step:
     w: torch.Tensor
     state: State
     g: torch.Tensor
+    captured: dict | None = None
 
 
 class Recorder(Protocol):
@@ -225,7 +229,9 @@ class Recorder(Protocol):
     :func:`run_training` calls :meth:`attach` before the first step,
     :meth:`record` at every step after the gradient and before the update
     (the model still holds ``w_{t-1}``), and :meth:`detach` at the end, also
-    when training fails. They must not modify the model or the step.
+    when training fails. They must not modify the model or the step, and must
+    copy what they keep of its tensors: the run updates ``w``, the state and
+    ``g`` in place for the next step.
     :meth:`state_dict` and :meth:`load_state_dict` serve checkpoints only.
     """
 
@@ -294,8 +300,11 @@ def advance(
     t: int,
     xb: torch.Tensor,
     yb: torch.Tensor,
+    retain_graph: bool = False,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Step ``t``'s forward and backward pass at the weights ``model`` holds.
+    """Step ``t``'s forward and backward pass at the weights ``model`` holds (``retain_graph``: the graph is
+    kept for another backward pass through it; ``out``: where ``g_t`` is written).
 
     The forward pass runs under the step's seed (and, with
     ``trajectory.autocast``, under ``torch.autocast``: no gradient scaling,
@@ -318,8 +327,8 @@ def advance(
     shard = trajectory.shard
     # a rank's share of the global batch's mean loss; the all-reduce sums the shares' gradients
     loss = losses.mean() if shard is None else losses.sum() / trajectory.batch_size_at(t)
-    grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
-    g = torch.cat([gr.reshape(-1) for gr in grads])
+    grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True, retain_graph=retain_graph)
+    g = torch.cat([gr.reshape(-1) for gr in grads], out=out)
     if shard is not None:
         shard.all_reduce(g)
     return logits, losses, loss, g
@@ -392,6 +401,7 @@ def run_training(
     rule = trajectory.rule
     w = flatten(parameter_dict(model)).clone()
     state = rule.init(w)
+    g_buffer = torch.empty_like(w)  # every step's gradient, in place (recorders copy what they keep)
     step_loss = torch.empty(trajectory.n_steps, dtype=dtype, device=device)
     step_correct = torch.empty(trajectory.n_steps, dtype=torch.int64, device=device)
     sample_loss = torch.zeros(trajectory.n_samples, dtype=dtype, device=device)
@@ -427,10 +437,10 @@ def run_training(
         with checkpoint.interruptible() if checkpoint is not None else contextlib.nullcontext():
             for t, idx, xb in steps:
                 yb = y[idx]
-                logits, losses, loss, g = advance(model, params, criterion, trajectory, t, xb, yb)
+                logits, losses, loss, g = advance(model, params, criterion, trajectory, t, xb, yb, out=g_buffer)
                 if recorder is not None:
                     recorder.record(Step(t, idx, xb, yb, w, state, g))
-                w, state = rule.step(w, state, g, t + 1, trajectory.hyper_at(t))
+                step_in_place(rule, w, state, g, t + 1, trajectory.hyper_at(t))
                 write_parameters(params, w)
                 sample_loss.index_add_(0, idx, losses.detach().to(dtype))
                 if sample_proba is None:

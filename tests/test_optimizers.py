@@ -82,3 +82,21 @@ def test_defaults_are_sgds_and_torchs():
     rule, base = make_rule(torch.optim.AdamW, {}, momentum=0.9, lr=None, weight_decay=None)
     assert base == {"lr": 1e-3, "beta1": 0.9} and rule.weight_decay == 1e-2 and rule.beta2 == 0.999
     assert make_rule(torch.optim.Adam, {}, momentum=0.9, lr=None, weight_decay=None)[0].weight_decay == 0.0
+
+
+@pytest.mark.parametrize("optimizer,options,momentum", CASES)
+def test_the_in_place_step_is_the_pure_step_bit_for_bit(monkeypatch, optimizer, options, momentum):
+    """Training updates one buffer block by block (a block smaller than the vector here): the same values."""
+    from hydraclean import optimizers
+
+    monkeypatch.setattr(optimizers, "STEP_BLOCK", 7)
+    rule, hyper = make_rule(optimizer, options, momentum=momentum, lr=0.05, weight_decay=0.01)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(30, generator=g)
+    state = rule.init(w)
+    w_pure, state_pure = w.clone(), tuple(s.clone() for s in state)
+    for t in range(1, 4):
+        grad = torch.randn(30, generator=g)
+        w_pure, state_pure = rule.step(w_pure, state_pure, grad, t, hyper)
+        optimizers.step_in_place(rule, w, state, grad, t, hyper)
+        assert torch.equal(w, w_pure) and all(torch.equal(a, b) for a, b in zip(state, state_pure))
