@@ -101,6 +101,9 @@ class DatasetInputs:
     dtype : torch.dtype
         The module's floating dtype; floating (and other non-token) inputs are
         cast to it, int64 and int32 token ids reach the module as they are.
+    token_ids : bool, default=True
+        Whether integer inputs are token ids (the module has an embedding);
+        otherwise they are features, cast to ``dtype``.
     num_workers : int, default=0
         ``DataLoader`` worker processes.
     pin_memory : bool, default=False
@@ -108,10 +111,10 @@ class DatasetInputs:
     """
 
     def __init__(self, dataset: Dataset, device: torch.device, dtype: torch.dtype, num_workers: int = 0,
-                 pin_memory: bool = False) -> None:
+                 pin_memory: bool = False, token_ids: bool = True) -> None:
         self.dataset = dataset
         self.device = torch.device(device)
-        self.dtype = dtype
+        self.dtype, self.token_ids = dtype, token_ids
         self.num_workers = num_workers
         self.pin_memory = pin_memory
 
@@ -124,8 +127,8 @@ class DatasetInputs:
         order = torch.as_tensor(trajectory.order)
         loader = _loader(self.dataset, _StepKeys(trajectory, order, steps), self.num_workers, self.pin_memory)
         for (t, rows), xb in zip(_batches(trajectory, order, steps), loader):
-            yield t, rows.to(self.device), xb.to(self.device, dtype=input_dtype(xb.dtype, self.dtype),
-                                                 non_blocking=self.pin_memory)
+            dtype = input_dtype(xb.dtype, self.dtype, self.token_ids)
+            yield t, rows.to(self.device), xb.to(self.device, dtype=dtype, non_blocking=self.pin_memory)
 
 
 def _loader(dataset: Dataset, keys: Iterable[list[tuple[int, int]]], num_workers: int = 0,
@@ -192,7 +195,7 @@ def first_inputs(X: Inputs, k: int) -> torch.Tensor:
     if isinstance(X, DatasetInputs):
         items = _SeededItems(X.dataset)
         xb = torch.stack([items[(0, i)] for i in range(min(k, len(X)))])
-        return xb.to(X.device, dtype=input_dtype(xb.dtype, X.dtype))
+        return xb.to(X.device, dtype=input_dtype(xb.dtype, X.dtype, X.token_ids))
     return X[:k]
 
 

@@ -36,6 +36,7 @@ from .gradients import (
     per_sample_validation_gradients,
     validation_gradients,
 )
+from .ghost import GhostRows
 from .routes import plan_route
 from .training import Progress, SampleTrace, Trajectory, train
 
@@ -210,10 +211,10 @@ def fit_contributions(
         scores = by_class = matrix = contribution = None
         if route is not None:
             route.finish()  # frees what training left (the summed output gradients) before the directions take memory
-            directions, layout = _directions(model, X_val, y_val, criterion, n_classes, classes, val_rows,
-                                             trajectory.shard)
-            rows = None if val_rows is None else (model, X_val[val_rows], y_val[val_rows])
-            projections = route.project(directions, rows, progress)
+            directions, mixing, layout = _directions(model, X_val, y_val, criterion, n_classes, classes, val_rows,
+                                                     trajectory.shard)
+            ghost = None if mixing is None else GhostRows(model, X_val, y_val, mixing)
+            projections = route.project(directions, ghost, progress)
             if trajectory.shard is not None:  # each rank holds its samples' rows, zeros elsewhere
                 trajectory.shard.all_reduce(projections)
                 trajectory.shard.finish()
@@ -257,21 +258,29 @@ def _free_memory(device: torch.device) -> int | None:
 
 def _directions(model: nn.Module, X_val: torch.Tensor, y_val: torch.Tensor, criterion: nn.Module, n_classes: int,
                 classes: bool, val_rows: torch.Tensor | None, shard: Shard | None):
-    """The directions of one projection, ``[mean (when not the classes' sum), classes, rows]``, and a function
-    that lays the (N, K) scores out as ``(C(i), C(i, c) or None, C(i, j) or None)``."""
+    """The directions of one projection, ``[mean (when not the classes' sum), classes, rows]``, how they
+    combine the validation samples' own gradients (``(K, n_val)``; None for a model whose eval-mode losses
+    are not separate, BatchNorm without running statistics), and a function that lays the (N, K) scores out
+    as ``(C(i), C(i, c) or None, C(i, j) or None)``."""
     n_rows = 0 if val_rows is None else len(val_rows)
     if classes:
         counts = torch.bincount(y_val, minlength=n_classes)
-        class_grads = _class_gradients(model, X_val, y_val, criterion, n_classes, counts, shard)
         present = counts > 0
         n_present = int(present.sum())
         # grad L_val = sum_c (n_c / n_val) G^c: C(i) from C(i, c), no column of its own, except for BatchNorm
         # without running statistics, whose mean loss is not the classes' sum
         lead = 0 if eval_separable(model) else 1
-        directions = class_grads.new_empty(lead + n_present + n_rows, class_grads.shape[1])
-        directions[lead : lead + n_present] = class_grads[present]
-        del class_grads
+        ref = next(p for p in model.parameters() if p.requires_grad)
+        directions = ref.new_empty(lead + n_present + n_rows, sum(p.numel() for p in model.parameters()
+                                                                   if p.requires_grad))
+        if n_present == n_classes:  # written in place: no second model-sized buffer per class
+            _class_gradients(model, X_val, y_val, criterion, n_classes, counts, shard,
+                             out=directions[lead : lead + n_present])
+        else:
+            directions[lead : lead + n_present] = _class_gradients(model, X_val, y_val, criterion, n_classes,
+                                                                   counts, shard)[present]
         weights = counts[present].double().cpu().numpy() / len(y_val)
+        present_codes = present
         present = present.cpu().numpy()
     else:
         lead, n_present = 1, 0
@@ -284,6 +293,17 @@ def _directions(model: nn.Module, X_val: torch.Tensor, y_val: torch.Tensor, crit
         if shard is not None:  # every rank projects on rank 0's validation rows
             shard.broadcast(directions[lead + n_present :])
 
+    mixing = None
+    if eval_separable(model):
+        mixing = directions.new_zeros(directions.shape[0], len(y_val))
+        if lead:
+            mixing[0] = 1.0 / len(y_val)
+        if classes:
+            codes = torch.arange(n_classes, device=y_val.device)[present_codes]
+            mixing[lead : lead + n_present] = (y_val == codes[:, None]).to(mixing.dtype) / counts[codes, None]
+        if n_rows:
+            mixing[torch.arange(lead + n_present, lead + n_present + n_rows, device=mixing.device), val_rows] = 1.0
+
     def layout(scores: np.ndarray):
         by_class = None
         if classes:
@@ -293,18 +313,21 @@ def _directions(model: nn.Module, X_val: torch.Tensor, y_val: torch.Tensor, crit
         matrix = scores[:, lead + n_present :] if n_rows else None
         return contribution, by_class, matrix
 
-    return directions, layout
+    return directions, mixing, layout
 
 
 def _class_gradients(model: nn.Module, X_val: torch.Tensor, y_val: torch.Tensor, criterion: nn.Module,
-                     n_classes: int, counts: torch.Tensor, shard: Shard | None) -> torch.Tensor:
-    """:func:`class_validation_gradients`; in a data-parallel run each rank takes a share of the rows."""
+                     n_classes: int, counts: torch.Tensor, shard: Shard | None,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`class_validation_gradients` (into ``out``); in a data-parallel run each rank takes a share of
+    the rows."""
     if shard is None:
-        return class_validation_gradients(model, X_val, y_val, criterion, n_classes)
+        return class_validation_gradients(model, X_val, y_val, criterion, n_classes, out=out)
     rows = shard.split(torch.arange(len(y_val), device=y_val.device))
-    local = class_validation_gradients(model, X_val[rows], y_val[rows], criterion, n_classes)
+    local = class_validation_gradients(model, X_val[rows], y_val[rows], criterion, n_classes, out=out)
     sums = torch.nan_to_num(local, nan=0.0) * torch.bincount(y_val[rows], minlength=n_classes).unsqueeze(1)
-    return shard.all_reduce(sums) / counts.unsqueeze(1)  # 0 / 0 = NaN for an absent class
+    G = shard.all_reduce(sums) / counts.unsqueeze(1)  # 0 / 0 = NaN for an absent class
+    return G if out is None else out.copy_(G)
 
 
 def suggest_labels(class_contribution: np.ndarray, classes: np.ndarray, given: np.ndarray) -> np.ndarray:

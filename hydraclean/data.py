@@ -12,16 +12,17 @@ from sklearn.model_selection import train_test_split
 from sklearn.utils import _safe_indexing
 
 __all__ = [
-    "check_token_ids",
-    "input_dtype",
-    "is_token_ids",
     "check_features",
     "check_labels",
+    "check_token_ids",
     "dataset_labels",
+    "has_token_dtype",
+    "input_dtype",
     "is_dataset",
     "resolve_validation_rows",
     "scale_mismatch",
     "select_rows",
+    "takes_token_ids",
 ]
 
 
@@ -127,17 +128,24 @@ def _where(shape: tuple[int, ...], flat: int) -> str:
 TOKEN_DTYPES = (np.int64, np.int32)
 
 
-def input_dtype(values_dtype, module_dtype: torch.dtype) -> torch.dtype:
-    """The dtype inputs reach the module in: int64 and int32 (token ids) as they are, everything else (floats,
-    uint8 image bytes, booleans) in the module's floating dtype. ``values_dtype`` is numpy's or torch's."""
+def takes_token_ids(module: torch.nn.Module) -> bool:
+    """Whether ``module`` reads token ids: it has an ``nn.Embedding`` or ``nn.EmbeddingBag``."""
+    return any(isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) for m in module.modules())
+
+
+def input_dtype(values_dtype, module_dtype: torch.dtype, token_ids: bool = True) -> torch.dtype:
+    """The dtype inputs reach the module in: int64 and int32 as they are when they are token ids
+    (``token_ids``: the module has an embedding), everything else (floats, uint8 image bytes, booleans,
+    integer features of a module without embeddings) in the module's floating dtype. ``values_dtype`` is
+    numpy's or torch's."""
     tokens = {torch.int64: torch.int64, torch.int32: torch.int32, np.dtype(np.int64): torch.int64,
               np.dtype(np.int32): torch.int32}
     key = values_dtype if isinstance(values_dtype, torch.dtype) else np.dtype(values_dtype)
-    return tokens.get(key, module_dtype)
+    return tokens.get(key, module_dtype) if token_ids else module_dtype
 
 
-def is_token_ids(X) -> bool:
-    """Whether ``X`` (an array) holds token ids: int64 or int32."""
+def has_token_dtype(X) -> bool:
+    """Whether ``X`` (an array) is int64 or int32: token ids for a module with an embedding."""
     return np.dtype(X.dtype).type in TOKEN_DTYPES
 
 
@@ -148,7 +156,7 @@ def check_token_ids(X: np.ndarray, module: torch.nn.Module, name: str = "X") -> 
     ``nn.Embedding`` and ``nn.EmbeddingBag`` of the module are out of every
     vocabulary.
     """
-    if not is_token_ids(X) or X.size == 0:
+    if not (has_token_dtype(X) and takes_token_ids(module)) or X.size == 0:
         return
     low, high = int(X.min()), int(X.max())
     if low < 0:

@@ -32,7 +32,8 @@ from .contribution import (
     suggest_labels,
     top_contributors,
 )
-from .gradients import per_sample_validation_gradients
+from .ghost import GhostRows
+from .gradients import eval_separable, per_sample_validation_gradients
 from .routes import plan_route
 from .scoring import SCORES
 from .batches import DatasetInputs, Inputs, first_inputs, materialize, sample_shape
@@ -43,7 +44,8 @@ from .data import (
     check_token_ids,
     dataset_labels,
     input_dtype,
-    is_token_ids,
+    has_token_dtype,
+    takes_token_ids,
     is_dataset,
     resolve_validation_rows,
     scale_mismatch,
@@ -315,9 +317,10 @@ class _HydraBase(BaseEstimator):
             raise ValueError(f"k must be a positive integer, got {k!r}.")
         device = self.device_ if self.device_.type == "cpu" or torch.cuda.is_available() else torch.device("cpu")
         dtype = _floating_dtype(self.module_)
-        X_tr = self._training_inputs(self._train_data[0], device, dtype)
+        ids = takes_token_ids(self.module_)
+        X_tr = self._training_inputs(self._train_data[0], device, dtype, ids)
         y_tr = self._train_data[1].to(device)
-        Xv_t = torch.as_tensor(Xv, dtype=input_dtype(Xv.dtype, dtype), device=device)
+        Xv_t = torch.as_tensor(Xv, dtype=input_dtype(Xv.dtype, dtype, ids), device=device)
         yv_t = torch.as_tensor(np.searchsorted(self.classes_, yv), device=device)
         model = self.module_.to(device)
         G = per_sample_validation_gradients(model, Xv_t, yv_t, self._criterion, torch.arange(len(yv), device=device))
@@ -328,7 +331,9 @@ class _HydraBase(BaseEstimator):
         try:
             replay(trajectory, model, X_tr, y_tr, self._criterion, route, progress=self._progress())
             route.finish()
-            P = route.project(G, (model, Xv_t, yv_t), self._progress())
+            ghost = GhostRows(model, Xv_t, yv_t, torch.eye(len(yv), dtype=G.dtype, device=device)) if \
+                eval_separable(model) else None
+            P = route.project(G, ghost, self._progress())
         finally:
             route.close()
         if trajectory.shard is not None:
@@ -417,7 +422,8 @@ class _HydraBase(BaseEstimator):
                     f"X_val has trailing shape {X_v.shape[1:]} but X has {tuple(shape)}; "
                     "both must be shaped as the module expects."
                 )
-            mismatch = None if dataset or is_token_ids(X_tr) else scale_mismatch(X_tr, X_v)
+            # integer arrays: token ids, whose scale means nothing
+            mismatch = None if dataset or has_token_dtype(X_tr) else scale_mismatch(X_tr, X_v)
             if mismatch:
                 warnings.warn(mismatch, UserWarning, stacklevel=4)
         if len(y_tr) == 0:
@@ -460,8 +466,9 @@ class _HydraBase(BaseEstimator):
         if not is_dataset(data.X_train):
             check_token_ids(data.X_train, module)
         check_token_ids(data.X_val, module, "X_val")
-        Xt = self._training_inputs(data.X_train, device, dtype)
-        Xv = to(data.X_val, input_dtype(data.X_val.dtype, dtype))
+        ids = takes_token_ids(module)
+        Xt = self._training_inputs(data.X_train, device, dtype, ids)
+        Xv = to(data.X_val, input_dtype(data.X_val.dtype, dtype, ids))
         yt, yv = to(data.y_train, torch.long), to(data.y_val, torch.long)
         _check_forward(module, first_inputs(Xt, 2), data.classes.size)
         _check_batch_norm_batches(module, len(yt), self.batch_size)
@@ -573,11 +580,12 @@ class _HydraBase(BaseEstimator):
             "trajectory_": result.trajectory,
         }
 
-    def _training_inputs(self, X, device: torch.device, dtype: torch.dtype) -> Inputs:
+    def _training_inputs(self, X, device: torch.device, dtype: torch.dtype, token_ids: bool) -> Inputs:
         """The training inputs on ``device``: one tensor, or a Dataset's loader (pinned memory for a GPU)."""
         if is_dataset(X):
-            return DatasetInputs(X, device, dtype, num_workers=self.num_workers, pin_memory=device.type == "cuda")
-        return torch.as_tensor(X, dtype=input_dtype(X.dtype, dtype), device=device)
+            return DatasetInputs(X, device, dtype, num_workers=self.num_workers, pin_memory=device.type == "cuda",
+                                 token_ids=token_ids)
+        return torch.as_tensor(X, dtype=input_dtype(X.dtype, dtype, token_ids), device=device)
 
     def _resolve_device(self) -> torch.device:
         if isinstance(self.device, str) and self.device == "auto":
@@ -708,7 +716,8 @@ def _check_forward(module: nn.Module, x: torch.Tensor, n_classes: int) -> None:
         raise ValueError(
             f"The module's forward pass failed on an input batch of shape {tuple(x.shape)} and dtype {x.dtype} "
             f"({type(exc).__name__}: {exc}). Check that X is shaped as the module expects (int64 and int32 inputs "
-            "reach it as token ids, every other dtype as the module's floating dtype)."
+            "reach a module with an nn.Embedding or nn.EmbeddingBag as token ids; every other input, and every "
+            "input of a module without one, in the module's floating dtype)."
         ) from exc
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] != n_classes:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__

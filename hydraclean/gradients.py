@@ -353,6 +353,7 @@ def class_validation_gradients(
     criterion: nn.Module,
     n_classes: int,
     batch_size: int = 256,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``G^c = grad L_val^c(w_T)`` for every class, ``L_val^c`` the mean loss over class ``c``.
 
@@ -366,27 +367,35 @@ def class_validation_gradients(
     model, X, y, criterion, batch_size
         As in :func:`validation_gradients`; ``y`` holds codes in ``0..n_classes-1``.
     n_classes : int
+    out : Tensor of shape (n_classes, n_params), optional
+        Where to write ``G`` (no other model-sized buffer is made).
 
     Returns
     -------
     G : Tensor of shape (n_classes, n_params)
         Rows of classes with no validation sample are NaN.
     """
-    params, batch_loss, _ = _eval_losses(model, criterion)
-    n_params = sum(p.numel() for p in params.values())
-    ref = next(iter(params.values()))
-    G = torch.full((n_classes, n_params), float("nan"), dtype=ref.dtype, device=ref.device)
+    model = copy.deepcopy(model).eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_params = sum(p.numel() for p in params)
+    G = out if out is not None else params[0].new_empty(n_classes, n_params)
     order = torch.argsort(y, stable=True)
     counts = torch.bincount(y, minlength=n_classes).tolist()  # one host sync for all classes
     start = 0
     for c, count in enumerate(counts):
-        if count:
-            G[c] = 0.0
-            rows = order[start : start + count]
-            for k in range(0, count, batch_size):
-                r = rows[k : k + batch_size]
-                G[c] += flatten(grad(batch_loss)(params, X[r], y[r]))
-            G[c] /= count
+        if not count:
+            G[c] = float("nan")
+            continue
+        G[c] = 0.0
+        views = [v.view_as(p) for v, p in zip(G[c].split([p.numel() for p in params]), params)]
+        rows = order[start : start + count]
+        for k in range(0, count, batch_size):
+            r = rows[k : k + batch_size]
+            with torch.enable_grad():
+                grads = torch.autograd.grad(criterion(model(X[r]), y[r]).sum(), params, allow_unused=True,
+                                            materialize_grads=True)
+            torch._foreach_add_(views, grads)
+        G[c] /= count
         start += count
     return G
 

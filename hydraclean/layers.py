@@ -55,6 +55,23 @@ __all__ = [
 ]
 
 
+#: Above this many unfolded input values per sample (in_channels x kernel size x output
+#: positions), a Conv2d's per-sample gradients use the grouped convolution, below it a
+#: strided view and one batched product (measured on 2 CPU cores over LeNet-5 and
+#: DenseNet-like shapes: the product wins below about 1e5, the convolution above).
+UNFOLD_LIMIT = 100_000
+
+#: At most this many (directions x output positions per sample), a convolution's products with ``K``
+#: directions are one convolution of the inputs with the directions (``K`` forward passes' work, nothing
+#: per sample kept); above it, the per-sample gradients times the directions. Measured on 2 CPU cores over
+#: ResNet-18's shapes on 32x32 images: the convolution is 5-20x faster at 1-16 positions and 10 directions,
+#: the gradients 1.7x faster at 64 positions (benchmarks/overhead.py's architecture rows).
+DIRECT_LIMIT = 256
+
+#: Bytes of a convolution's products with a block of directions formed at once.
+CHUNK_BYTES = 64 * 2**20
+
+
 class LayerAlgebra:
     """The per-sample gradients of one module's own trainable parameters.
 
@@ -137,11 +154,40 @@ class LayerAlgebra:
         """``<V_k, g_i>`` from the factors, shape (b, K), for ``V`` of shape (K, size)."""
         raise NotImplementedError
 
+    def ghost_factors(self, saved, deltas: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(u, delta)`` of shapes (b, P, in), (b, P, out) with the weight's per-sample gradient ``sum_p
+        delta_p u_p'`` (see :mod:`hydraclean.ghost`); None where the layer has no such form."""
+        return None
+
+    def cost(self, n_directions: int, positions: int) -> float:
+        """Multiply-adds per sample of :meth:`apply` with ``n_directions`` directions."""
+        return float(self.size * n_directions)
+
     def apply(self, saved, deltas: list[torch.Tensor], V: torch.Tensor) -> torch.Tensor:
-        """``<V_k, g_i>`` by whichever form the layer has, shape (b, K)."""
+        """``<V_k, g_i>`` by whichever form the layer has, shape (b, K) (dense gradients formed in chunks)."""
         if self.factored:
             return self.products(self.factors(saved, deltas), V)
-        return self.gradients(saved, deltas) @ V.T
+        out = V.new_zeros(deltas[0].shape[0], V.shape[0])
+        for rows, g in self.chunks(saved, deltas):
+            out[rows] = g @ V.T
+        return out
+
+    def chunks(self, saved, deltas: list[torch.Tensor]):
+        """Per-sample gradients in blocks of samples of at most :data:`CHUNK_BYTES`: ``(rows, gradients)``."""
+        b = deltas[0].shape[0]
+        step = max(1, CHUNK_BYTES // max(1, self.size * deltas[0].element_size()))
+        for start in range(0, b, step):
+            rows = slice(start, start + step)
+            yield rows, self.gradients(_rows(saved, rows), [d[rows] for d in deltas])
+
+
+def _rows(obj, rows):
+    """``obj`` restricted to the samples ``rows`` (tensors batch first; containers element by element)."""
+    if isinstance(obj, torch.Tensor):
+        return obj[rows]
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_rows(o, rows) for o in obj)
+    return obj
 
 
 def _flat(parts: Sequence[torch.Tensor], b: int) -> torch.Tensor:
@@ -164,6 +210,12 @@ class LinearAlgebra(LayerAlgebra):
         a, d = saved, deltas[0]
         b = a.shape[0]
         return a.reshape(b, -1, a.shape[-1]), d.reshape(b, -1, d.shape[-1])
+
+    def ghost_factors(self, saved, deltas):
+        return self.factors(saved, deltas) if self.weight else None
+
+    def cost(self, n_directions, positions):
+        return float(min(positions * n_directions, positions + n_directions) * self.size)
 
     def gradients(self, saved, deltas):
         a, d = self.factors(saved, deltas)
@@ -188,13 +240,6 @@ class LinearAlgebra(LayerAlgebra):
         if self.bias:
             out += d.sum(1) @ V[:, -n_out:].T
         return out
-
-
-#: Above this many unfolded input values per sample (in_channels x kernel size x output
-#: positions), a Conv2d's per-sample gradients use the grouped convolution, below it a
-#: strided view and one batched product (measured on 2 CPU cores over LeNet-5 and
-#: DenseNet-like shapes: the product wins below about 1e5, the convolution above).
-UNFOLD_LIMIT = 100_000
 
 
 class ConvAlgebra(LayerAlgebra):
@@ -225,6 +270,47 @@ class ConvAlgebra(LayerAlgebra):
         if self.bias:
             parts.append(d.reshape(b, d.shape[1], -1).sum(2))
         return _flat(parts, b)
+
+    def ghost_factors(self, saved, deltas):
+        m = self.module
+        if not (self.fast and self.weight):
+            return None
+        u = F.unfold(saved, m.kernel_size, m.dilation, m.padding, m.stride).transpose(1, 2)
+        d = deltas[0]
+        return u, d.reshape(d.shape[0], d.shape[1], -1).transpose(1, 2)
+
+    def cost(self, n_directions, positions):
+        if n_directions * positions <= DIRECT_LIMIT:
+            return float(n_directions * positions * self.size)
+        # the per-sample gradients: formed (P per value) and read, at memory speed (x4, measured)
+        return float(4 * (positions + n_directions) * self.size)
+
+    def apply(self, saved, deltas, V):
+        """``<V_k, g_i>``: by the per-sample gradients, or, when a sample's output has few positions, by
+        the convolution of its input with the directions themselves (``sum_p delta_ip . (V_k * x_i)_p``:
+        ``K`` times the layer's forward pass, no per-sample gradient formed)."""
+        a, d = saved, deltas[0]
+        b, k = a.shape[0], V.shape[0]
+        positions = d[0, 0].numel()
+        if k * positions > DIRECT_LIMIT:
+            return super().apply(saved, deltas, V)
+        out = V.new_zeros(b, k)
+        if self.weight:
+            m = self.module
+            g, n_out = m.groups, m.out_channels
+            step = max(1, CHUNK_BYTES // max(1, b * n_out * positions * d.element_size()))
+            flat = d.reshape(b, g, n_out // g, positions)
+            for start in range(0, k, step):
+                W = V[start : start + step, : m.weight.numel()]
+                kk = W.shape[0]
+                # output channels grouped as the groups need them: (group, direction, channel of the group)
+                W = W.reshape(kk, g, n_out // g, *m.weight.shape[1:]).transpose(0, 1).reshape(
+                    g * kk * (n_out // g), *m.weight.shape[1:])
+                z = m._conv_forward(a, W, None).reshape(b, g, kk, n_out // g, positions)
+                out[:, start : start + kk] = torch.einsum("bgkop,bgop->bk", z, flat)
+        if self.bias:
+            out += d.reshape(b, d.shape[1], -1).sum(2) @ V[:, -self.module.out_channels :].T
+        return out
 
     def _vmapped(self, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         m, weight = self.module, self.module.weight.detach()
@@ -454,13 +540,15 @@ def _LinearCalls(weights: dict, calls: list):
     module-level name) whose weight is (a row block of) one of ``weights`` are noted: (which, rows, input,
     output) into ``calls``."""
     original = F.linear
-    spans = [(w.untyped_storage().data_ptr(), w.data_ptr(), w.stride(0) * w.element_size(), name)
-             for w, name in weights.items()]
+    # the weights may be views of one flat vector (scoring at stored weights): a call's weight is a
+    # projection's when it starts inside that projection's span of the storage
+    spans = [(w.untyped_storage().data_ptr(), w.data_ptr(), w.data_ptr() + w.numel() * w.element_size(),
+              w.stride(0) * w.element_size(), name) for w, name in weights.items()]
 
     def linear(input, weight, bias=None):
         out = original(input, weight, bias)
-        for storage, start, row_bytes, name in spans:
-            if weight.untyped_storage().data_ptr() == storage and weight.data_ptr() >= start:
+        for storage, start, end, row_bytes, name in spans:
+            if weight.untyped_storage().data_ptr() == storage and start <= weight.data_ptr() < end:
                 first = (weight.data_ptr() - start) // row_bytes
                 calls.append((name, slice(first, first + weight.shape[0]), input, out))
                 break

@@ -30,18 +30,21 @@ approximation the documentation measures against the exact route.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
 from .gradients import PerSampleLoss, directional_derivatives, parameter_dict
 from .hypergradient import free_factors
-from .layers import ConvAlgebra, LayerAlgebra, LinearAlgebra, algebra_for, column_ranges, layers_of
+from .ghost import GhostRows, ghost_products, pays
+from .layers import CHUNK_BYTES, ConvAlgebra, LayerAlgebra, LinearAlgebra, algebra_for, column_ranges, layers_of
 from .modes import set_modes, training_modes
 from .run_store import RunStore
 from .training import Step, Trajectory, autocast, step_rng
@@ -57,9 +60,6 @@ __all__ = [
     "make_projector",
     "probe_layers",
 ]
-
-#: Per-sample gradients of a layer are formed in chunks of samples of at most this many bytes.
-CHUNK_BYTES = 64 * 2**20
 
 
 class FunctionalProjector:
@@ -133,6 +133,54 @@ def constant_statistics(model: nn.Module) -> nn.Module:
                                               {"forward": _constant_forward})
             m.__class__ = _CONSTANT_CLASSES[cls]
     return model
+
+
+class _SwitchableBatchNorm(torch.autograd.Function):
+    """``F.batch_norm`` in train mode (the same kernels, bit for bit on CPU) whose backward is the exact one,
+    or, while ``switch.constant``, the one with the batch statistics held constant (``grad * weight /
+    sqrt(var + eps)``): one forward pass serves the training step's gradient and the per-sample derivative."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, switch):
+        out, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.eps, ctx.switch, ctx.has_bias = eps, switch, bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, mean, invstd = ctx.saved_tensors
+        if ctx.switch.constant:
+            scale = invstd if weight is None else invstd * weight
+            return grad * scale.reshape((1, -1) + (1,) * (x.dim() - 2)), None, None, None, None, None, None, None
+        mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
+                ctx.has_bias and ctx.needs_input_grad[2]]
+        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(grad, x, weight, None, None, mean, invstd, True,
+                                                               ctx.eps, mask)
+        return gx, gw if mask[1] else None, gb if mask[2] else None, None, None, None, None, None
+
+
+class _Switch:
+    constant = False
+
+
+@contextlib.contextmanager
+def _switchable_batch_norm(switch: _Switch):
+    """While active, train-mode ``F.batch_norm`` calls (BatchNorm modules make them through the module-level
+    name) go through :class:`_SwitchableBatchNorm`."""
+    original = F.batch_norm
+
+    def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+                   eps=1e-5):
+        if not training:
+            return original(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        return _SwitchableBatchNorm.apply(input, weight, bias, running_mean, running_var, momentum, eps, switch)
+
+    F.batch_norm = batch_norm
+    try:
+        yield
+    finally:
+        F.batch_norm = original
 
 
 def has_batch_statistics(module: nn.Module, modes: dict | None = None) -> bool:
@@ -234,11 +282,73 @@ class LayerCapture:
         captured, self._captured = self._captured, {}
         return captured
 
+    #: Whether :meth:`after_step` runs a backward pass of its own through the step's graph
+    second_pass = False
+
+    @staticmethod
+    def inputs(xb: torch.Tensor) -> torch.Tensor:
+        """The step's inputs as the training step should read them."""
+        return xb
+
+    def after_step(self, loss: torch.Tensor, xb: torch.Tensor, params: list[torch.Tensor]) -> None:
+        """Called after a training step's backward pass (whose gradients the hooks caught): nothing more."""
+
     def detach(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
         self._model_input = (None, 0)
+
+
+class ConstantStatisticsCapture(LayerCapture):
+    """A training-mode capture for a model with BatchNorm in train mode whose per-sample derivative holds the
+    batch statistics constant: the training step's forward pass serves both its exact backward pass (the
+    step's gradient) and a second one, through the same graph with BatchNorm's backward switched to constant
+    statistics, whose gradients at the layers' outputs the hooks keep. The second pass runs to the step's
+    inputs (no weight gradient), or, for inputs without a gradient (token ids), to the weights.
+
+    The training step must keep its graph (``advance(..., retain_graph=True)``) and, for floating inputs,
+    read them as a leaf that requires a gradient (:meth:`inputs`).
+    """
+
+    second_pass = True
+
+    def __init__(self, layers: list[nn.Module], algebras: list[LayerAlgebra]) -> None:
+        super().__init__(layers, algebras, mode="training")
+        self._switch = _Switch()
+        self._patch = None
+
+    def attach(self, model: nn.Module) -> None:
+        super().attach(model)
+        self._handles.append(model.register_forward_pre_hook(self._enter_patch))
+        self._handles.append(model.register_forward_hook(self._exit_patch))
+
+    def _enter_patch(self, model, inputs) -> None:
+        self._patch = _switchable_batch_norm(self._switch)
+        self._patch.__enter__()
+
+    def _exit_patch(self, model, inputs, output) -> None:
+        patch, self._patch = self._patch, None
+        if patch is not None:
+            patch.__exit__(None, None, None)
+
+    @staticmethod
+    def inputs(xb: torch.Tensor) -> torch.Tensor:
+        """The step's inputs as the second pass's end: a leaf requiring a gradient when they are floating."""
+        return xb.detach().requires_grad_() if xb.is_floating_point() else xb
+
+    def after_step(self, loss: torch.Tensor, xb: torch.Tensor, params: list[torch.Tensor]) -> None:
+        entries = [e for calls in self._captured.values() for e in calls]
+        for e in entries:
+            e["grads"] = [None] * len(e["grads"])
+        ends = [xb] if xb.requires_grad else list(params)
+        self._switch.constant = True
+        try:
+            torch.autograd.grad(loss, ends, allow_unused=True)
+            if ends[0] is xb and any(g is None for e in entries for g in e["grads"]):  # a layer the inputs
+                torch.autograd.grad(loss, list(params), allow_unused=True)  # do not reach: to the weights
+        finally:
+            self._switch.constant = False
 
 
 class _Like:
@@ -425,37 +535,13 @@ def _batch_dim(shapes: list[tuple], sizes: list[int]) -> int:
     return 0
 
 
-def _columns(model: nn.Module, layer: nn.Module, alg: LayerAlgebra, device) -> torch.Tensor:
+def _columns(model: nn.Module, layer: nn.Module, alg: LayerAlgebra, device) -> slice | torch.Tensor:
+    """The layer's columns of the flat parameter vector: a slice where they are contiguous (the usual case;
+    indexing a direction by it is a view, not a copy), else their indices."""
     ranges = column_ranges(model, layer, alg)
+    if all(b0 == a1 for (_, b0), (a1, _) in zip(ranges, ranges[1:])):
+        return slice(ranges[0][0], ranges[-1][1])
     return torch.cat([torch.arange(a, b, device=device) for a, b in ranges])
-
-
-def _rows(obj, rows):
-    """``obj`` restricted to the samples ``rows`` (tensors batch first; containers element by element)."""
-    if isinstance(obj, torch.Tensor):
-        return obj[rows]
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_rows(o, rows) for o in obj)
-    return obj
-
-
-def _dense(alg: LayerAlgebra, saved, deltas: list[torch.Tensor]):
-    """Per-sample gradients in chunks of at most :data:`CHUNK_BYTES`: ``(rows, gradients)`` pairs."""
-    b = deltas[0].shape[0]
-    step = max(1, CHUNK_BYTES // max(1, alg.size * deltas[0].element_size()))
-    for start in range(0, b, step):
-        rows = slice(start, start + step)
-        yield rows, alg.gradients(_rows(saved, rows), [d[rows] for d in deltas])
-
-
-def _apply(alg: LayerAlgebra, saved, deltas: list[torch.Tensor], V: torch.Tensor) -> torch.Tensor:
-    """``<V_k, g_i>`` of a layer, its dense gradients formed in chunks."""
-    if alg.factored:
-        return alg.products(alg.factors(saved, deltas), V)
-    out = V.new_zeros(deltas[0].shape[0], V.shape[0])
-    for rows, g in _dense(alg, saved, deltas):
-        out[rows] = g @ V.T
-    return out
 
 
 def _leaves(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -476,14 +562,13 @@ class LayerFactorProjector:
 
     A forward pass of a private copy at the weights (under the step's seed,
     the caller's) and one backward pass to the layer outputs give every
-    layer's factors; each layer's algebra then gives ``<V, g_i>``. A Linear
-    layer whose direction is a validation sample's own gradient ``delta_j
-    a_j'`` (the rows of ``C(i, j)``) takes the "ghost" product
-    ``(delta_i . delta_j)(a_i . a_j + 1)``. A layer without compact factors has
-    its per-sample gradients either summed into an ``N x p_layer`` buffer with
-    the step's weight (when ``accumulate_bytes`` holds them all and the
-    directions are the projector's own) or multiplied by the directions every
-    step, in chunks of samples.
+    layer's factors; each layer's algebra then gives ``<V, g_i>``. With
+    ``ghost`` (the directions as combinations of validation samples' own
+    gradients), a layer where it costs less takes the ghost product
+    (:mod:`hydraclean.ghost`). A layer without compact factors has its
+    per-sample gradients either summed into an ``N x p_layer`` buffer with the
+    step's weight (when ``accumulate_bytes`` holds them all and the directions
+    are the projector's own) or multiplied by the directions every step.
 
     Parameters
     ----------
@@ -493,9 +578,8 @@ class LayerFactorProjector:
     n_samples : int
     plan : list of LayerPlan
         From :func:`probe_layers` (with the same ``constant_stats``).
-    rows : (model, X_rows, y_rows), optional
-        The last ``len(X_rows)`` directions are these validation samples'
-        eval-mode gradients at ``model``'s weights.
+    ghost : GhostRows, optional
+        How the directions combine validation samples' eval-mode gradients.
     accumulate_bytes : int, default=0
     autocast : torch.dtype, optional
         Of the forward passes at the given weights; products in the
@@ -507,24 +591,28 @@ class LayerFactorProjector:
     """
 
     def __init__(self, module: nn.Module, criterion: nn.Module, directions: torch.Tensor, n_samples: int,
-                 plan: list[LayerPlan], rows=None, accumulate_bytes: int = 0, autocast: torch.dtype | None = None,
-                 modes: dict | None = None, constant_stats: bool = False) -> None:
+                 plan: list[LayerPlan], ghost: GhostRows | None = None, accumulate_bytes: int = 0,
+                 autocast: torch.dtype | None = None, modes: dict | None = None, constant_stats: bool = False) -> None:
         self.model = private_copy(module, modes, constant_stats)
         self.criterion, self.autocast, self.plan = criterion, autocast, plan
+        self.constant_stats = constant_stats
         self.layers = layers_of(self.model)
         self.algebras = [p.make(m) for p, m in zip(plan, self.layers)]
         self.capture = LayerCapture(self.layers, self.algebras, mode="projection")
         self.capture.attach(self.model)
         self.columns = [_columns(self.model, m, a, directions.device) for m, a in zip(self.layers, self.algebras)]
         self.directions = directions
-        self.n_rows = 0 if rows is None else rows[1].shape[0]
-        self.row_factors = self._row_factors(module, modes, constant_stats, *rows) if rows is not None else {}
         self.out = directions.new_zeros(n_samples, directions.shape[0])
         self.sums: dict[int, torch.Tensor] = {}  # dense layers' summed per-sample gradients
         for k, (alg, cols) in enumerate(zip(self.algebras, self.columns)):
             if not alg.factored and alg.dense and n_samples * alg.size * directions.element_size() <= accumulate_bytes:
                 accumulate_bytes -= n_samples * alg.size * directions.element_size()
                 self.sums[k] = directions.new_zeros(n_samples, alg.size)
+        self.row_factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.mixing = None
+        if ghost is not None:
+            self.mixing = ghost.mixing.to(directions.dtype)
+            self.row_factors = self._row_factors(module, modes, constant_stats, ghost)
 
     def capture_at(self, params: dict, xb: torch.Tensor, yb: torch.Tensor) -> dict[int, list]:
         """Every layer's caught entries for the batch at ``params`` (forward under the projector's autocast)."""
@@ -535,30 +623,44 @@ class LayerFactorProjector:
             self.capture.backward(losses.mean())
         return self.capture.take()
 
-    def _row_factors(self, module, modes, constant_stats, model: nn.Module, X_rows: torch.Tensor,
-                     y_rows: torch.Tensor, batch_size: int = 256) -> dict:
-        """Eval-mode ``(a_j, delta_j)`` at ``model``'s weights of the Linear layers with one position."""
+    def _row_factors(self, module, modes, constant_stats, ghost: GhostRows, batch_size: int = 256,
+                     budget: int = 4 * CHUNK_BYTES) -> dict:
+        """The validation samples' eval-mode ghost factors ``(u_j, delta_j)`` at ``ghost.model``'s weights,
+        for the layers (called once per pass, without dense sums) where the ghost product pays, as long as
+        they fit in ``budget`` bytes."""
         evaluator = private_copy(module, modes, constant_stats).eval()
         layers = layers_of(evaluator)
         algebras = [p.make(m) for p, m in zip(self.plan, layers)]
         capture = LayerCapture(layers, algebras, mode="projection")
         capture.attach(evaluator)
-        params = _leaves(parameter_dict(model))
+        params = _leaves(parameter_dict(ghost.model))
+        dtype = self.directions.dtype
+        n, n_directions = ghost.y.shape[0], self.directions.shape[0]
         parts: dict[int, list] = {}
+        chosen = None  # decided on the first batch
         try:
-            for start in range(0, X_rows.shape[0], batch_size):
-                xr, yr = X_rows[start : start + batch_size], y_rows[start : start + batch_size]
+            for start in range(0, n, batch_size):
+                xr, yr = ghost.X[start : start + batch_size], ghost.y[start : start + batch_size]
                 with torch.enable_grad():
                     capture.backward(self.criterion(functional_call(evaluator, params, (xr,)), yr).mean())
                 for k, entries in capture.take().items():
                     alg = algebras[k]
-                    if isinstance(alg, LinearAlgebra) and len(entries) == 1:
-                        a, d = alg.factors(entries[0]["saved"], _deltas(alg, entries[0], xr.shape[0]))
-                        if a.shape[1] == 1:
-                            parts.setdefault(k, []).append((a[:, 0], d[:, 0]))
+                    if k in self.sums or len(entries) != 1 or (chosen is not None and k not in chosen):
+                        continue
+                    deltas = [d.to(dtype) for d in _deltas(alg, entries[0], xr.shape[0])]
+                    factors = alg.ghost_factors(_cast(entries[0]["saved"], dtype), deltas)
+                    if factors is None:
+                        continue
+                    if chosen is None:  # the first batch: does it pay, and do all samples' factors fit?
+                        held = n * sum(f[0].numel() for f in factors) * factors[0].element_size()
+                        if held > budget or not pays(alg, (factors[0][0], factors[1][0]), n, n_directions):
+                            continue
+                        budget -= held
+                    parts.setdefault(k, []).append(factors)
+                chosen = set(parts)
         finally:
             capture.detach()
-        return {k: (torch.cat([a for a, _ in v]), torch.cat([d for _, d in v])) for k, v in parts.items()}
+        return {k: (torch.cat([u for u, _ in v]), torch.cat([d for _, d in v])) for k, v in parts.items()}
 
     def add(self, params: dict[str, torch.Tensor], idx: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor,
             weight: float, directions: torch.Tensor | None = None) -> None:
@@ -566,33 +668,36 @@ class LayerFactorProjector:
         replace the projector's own for this step (no ghost rows then)."""
         self.add_captured(self.capture_at(params, xb, yb), idx, weight, directions)
 
+    def training_capture(self, model: nn.Module) -> LayerCapture:
+        """A capture for ``model`` (the same architecture, in the run's modes) that rides along its training
+        steps: what it catches goes to :meth:`add_captured` with ``algebras=capture.algebras``. With the batch
+        statistics held constant, a :class:`ConstantStatisticsCapture`."""
+        layers = layers_of(model)
+        algebras = [p.make(m) for p, m in zip(self.plan, layers)]
+        capture = ConstantStatisticsCapture(layers, algebras) if self.constant_stats else LayerCapture(
+            layers, algebras, mode="training")
+        capture.attach(model)
+        return capture
+
     def add_captured(self, captured: dict[int, list], idx: torch.Tensor, weight: float,
-                     directions: torch.Tensor | None = None) -> None:
-        """:meth:`add` from entries already caught (a recomputed step's own passes)."""
+                     directions: torch.Tensor | None = None, algebras: list[LayerAlgebra] | None = None) -> None:
+        """:meth:`add` from entries already caught (a recomputed step's own passes), by the algebras that
+        caught them (the projector's own by default)."""
         own = directions is None
         V = self.directions if own else directions
-        n_dense = V.shape[0] - (self.n_rows if own else 0)
         d = V.new_zeros(idx.shape[0], V.shape[0])
         b = idx.shape[0]
-        for k, (alg, cols) in enumerate(zip(self.algebras, self.columns)):
-            ghost = own and k in self.row_factors
+        for k, (alg, cols) in enumerate(zip(algebras or self.algebras, self.columns)):
             for entry in captured.get(k, []):  # in the directions' dtype, also under autocast
                 saved = _cast(entry["saved"], V.dtype)
                 deltas = [delta.to(V.dtype) for delta in _deltas(alg, entry, b)]
                 if own and k in self.sums:
-                    for rows, g in _dense(alg, saved, deltas):
+                    for rows, g in alg.chunks(saved, deltas):
                         self.sums[k].index_add_(0, idx[rows], g.to(V.dtype), alpha=weight)
-                    continue
-                if ghost:
-                    a, delta = alg.factors(saved, deltas)
-                    d[:, :n_dense] += alg.products((a, delta), V[:n_dense][:, cols])
-                    a_rows, delta_rows = self.row_factors[k]
-                    inputs = a[:, 0] @ a_rows.T
-                    if alg.bias:
-                        inputs += 1.0
-                    d[:, n_dense:] += (delta[:, 0] @ delta_rows.T) * inputs
+                elif own and k in self.row_factors:
+                    d += ghost_products(alg, alg.ghost_factors(saved, deltas), self.row_factors[k], self.mixing)
                 else:
-                    d += _apply(alg, saved, deltas, V[:, cols])
+                    d += alg.apply(saved, deltas, V[:, cols])
         self.out.index_add_(0, idx, d, alpha=weight)
 
     def result(self) -> torch.Tensor:
@@ -604,11 +709,11 @@ class LayerFactorProjector:
 
 
 def make_projector(module: nn.Module, criterion: nn.Module, directions: torch.Tensor, n_samples: int,
-                   plan: list[LayerPlan] | None, rows=None, accumulate_bytes: int = 0,
+                   plan: list[LayerPlan] | None, ghost: GhostRows | None = None, accumulate_bytes: int = 0,
                    autocast: torch.dtype | None = None, modes: dict | None = None, constant_stats: bool = False):
     """:class:`LayerFactorProjector` with a plan, else :class:`FunctionalProjector`."""
     if plan is not None:
-        return LayerFactorProjector(module, criterion, directions, n_samples, plan, rows, accumulate_bytes,
+        return LayerFactorProjector(module, criterion, directions, n_samples, plan, ghost, accumulate_bytes,
                                     autocast, modes, constant_stats)
     return FunctionalProjector(module, criterion, directions, n_samples, autocast, modes)
 
@@ -791,7 +896,7 @@ class TrainingFactors(_StepFactorsBase):
                 continue
             for entry in entries:  # in the buffer's dtype, also under autocast
                 deltas = [d.to(dtype) for d in _deltas(alg, entry)]
-                for rows, g in _dense(alg, _cast(entry["saved"], dtype), deltas):
+                for rows, g in alg.chunks(_cast(entry["saved"], dtype), deltas):
                     self.sums[k].index_add_(0, idx[rows], g, alpha=weight)
         self.index[start : start + b] = idx
 
@@ -817,19 +922,18 @@ class TrainingFactors(_StepFactorsBase):
                 buffer.copy_(tensor)
         self.index.copy_(state["index"])
 
-    def project(self, directions: torch.Tensor, rows=None, progress=None, chunk: int = 8192) -> torch.Tensor:
-        """``P[i, k] = <V_k, nabla_{T,i}>``, shape (N, K) (after :meth:`finish`); ``rows`` as in
-        :class:`LayerFactorProjector` (ghost products). No walk over the run: ``progress`` is not used."""
+    def project(self, directions: torch.Tensor, ghost: GhostRows | None = None, progress=None,
+                chunk: int = 8192) -> torch.Tensor:
+        """``P[i, k] = <V_k, nabla_{T,i}>``, shape (N, K) (after :meth:`finish`); ``ghost`` as in
+        :class:`LayerFactorProjector`. No walk over the run: ``progress`` is not used."""
         if self.output_sums:
             raise RuntimeError("TrainingFactors.project needs finish() first.")
         cols = self.columns
-        n_rows = 0 if rows is None else rows[1].shape[0]
-        n_dense = directions.shape[0] - n_rows
-        row_factors = {}
-        if rows is not None:
-            projector = LayerFactorProjector(self.module, self.criterion, directions, 0, self.plan, rows,
+        row_factors, mixing = {}, None
+        if ghost is not None:
+            projector = LayerFactorProjector(self.module, self.criterion, directions, 0, self.plan, ghost,
                                              modes=self.trajectory.train_modes, constant_stats=self.constant_stats)
-            row_factors = projector.row_factors
+            row_factors, mixing = projector.row_factors, projector.mixing
         out = directions.new_zeros(self.n_samples, directions.shape[0])
         for k, sums in self.sums.items():
             out += sums @ directions[:, cols[k]].T
@@ -838,15 +942,8 @@ class TrainingFactors(_StepFactorsBase):
             for start in range(0, self.rows, chunk):
                 part = slice(start, start + chunk)
                 factors = tuple(f[part] for f in buffers)
-                d = out.new_zeros(factors[0].shape[0], directions.shape[0])
                 if k in row_factors:
-                    a, delta = factors
-                    d[:, :n_dense] = alg.products(factors, directions[:n_dense][:, cols[k]])
-                    a_rows, delta_rows = row_factors[k]
-                    inputs = a[:, 0] @ a_rows.T
-                    if alg.bias:
-                        inputs += 1.0
-                    d[:, n_dense:] = (delta[:, 0] @ delta_rows.T) * inputs
+                    d = ghost_products(alg, factors, row_factors[k], mixing)
                 else:
                     d = alg.products(factors, directions[:, cols[k]])
                 out.index_add_(0, self.index[part], d)
@@ -936,7 +1033,7 @@ class StepFactors(_StepFactorsBase):
             dense.zero_()
             for entry in entries:
                 deltas = [d.to(dense.dtype) for d in _deltas(alg, entry, scale)]
-                for rows, g in _dense(alg, _cast(entry["saved"], dense.dtype), deltas):
+                for rows, g in alg.chunks(_cast(entry["saved"], dense.dtype), deltas):
                     dense[rows] += g
         self.index[start : start + b] = step.idx
         self.store.record(step)
@@ -956,11 +1053,12 @@ class StepFactors(_StepFactorsBase):
         self.index.copy_(state["index"])
         self.store.load_state_dict(state["store"])
 
-    def project(self, directions: torch.Tensor, rows=None, progress=None) -> torch.Tensor:
+    def project(self, directions: torch.Tensor, ghost: GhostRows | None = None, progress=None) -> torch.Tensor:
         """``P[i, k] = <V_k, nabla_{T,i}>`` for every sample, shape (N, K): one backward sweep over the run.
 
-        ``rows`` (ghost products) do not apply: the per-step factors ``d_t``
-        break their rank-one shape, so every direction is dense here.
+        ``ghost`` does not apply: the per-step factors ``d_t`` scale each
+        parameter by itself, so the directions are no longer combinations of
+        validation gradients; every direction is dense here.
         """
         traj = self.trajectory
         n = traj.n_samples

@@ -31,19 +31,22 @@ import torch
 from torch import nn
 
 from .batches import Inputs, first_inputs
+from .ghost import GhostRows
 from .gradients import PerSampleLoss, parameter_dict, unflatten
 from .hypergradient import exact_projections, free_factors, step_weights
 from .modes import training_modes
-from .projection import StepFactors, TrainingFactors, has_batch_statistics, make_projector, probe_layers
+from .projection import (
+    LayerFactorProjector,
+    StepFactors,
+    TrainingFactors,
+    has_batch_statistics,
+    make_projector,
+    probe_layers,
+)
 from .run_store import RunStore
 from .training import Progress, Recorder, Step, Trajectory, step_rng
 
 __all__ = ["Route", "StoredRun", "plan_route"]
-
-#: Validation rows whose directions are their own gradients, for ghost products:
-#: (the trained model, their inputs, their label codes).
-Rows = tuple[nn.Module, torch.Tensor, torch.Tensor]
-
 
 class Route(Recorder, Protocol):
     """A recorder for the training run that projects the run's hypergradients afterwards.
@@ -59,14 +62,14 @@ class Route(Recorder, Protocol):
     def finish(self) -> None:
         """Complete what training left (called once, after training, before any direction exists)."""
 
-    def project(self, directions: torch.Tensor, rows: Rows | None = None, progress: Progress | None = None
+    def project(self, directions: torch.Tensor, ghost: GhostRows | None = None, progress: Progress | None = None
                 ) -> torch.Tensor:
         """``P[i, k] = <V_k, nabla_{T,i}>`` for every training sample, shape (N, K).
 
-        ``directions`` (K, n_params); ``rows``: when the last ``len(rows[1])``
-        directions are those validation samples' own gradients (ghost products
-        where a route has them); ``progress`` wraps a walk over the run's
-        steps, where the route takes one.
+        ``directions`` (K, n_params); ``ghost``: how they combine validation
+        samples' own gradients (ghost products where a route has them and
+        they cost less); ``progress`` wraps a walk over the run's steps, where
+        the route takes one.
         """
 
     def close(self) -> None:
@@ -181,33 +184,48 @@ class StoredRun:
     def finish(self) -> None:
         """Nothing to complete after training."""
 
-    def project(self, directions: torch.Tensor, rows: Rows | None = None, progress: Progress | None = None
+    def project(self, directions: torch.Tensor, ghost: GhostRows | None = None, progress: Progress | None = None
                 ) -> torch.Tensor:
         """``P[i, k] = <V_k, nabla_{T,i}>`` for every sample, shape (N, K)."""
         traj, n = self.trajectory, self.trajectory.n_samples
-        reverse = self.exact or not traj.rule.linear
-        steps = self.store.walk(self.module, self.X, self.y, self.criterion, reverse=reverse)
-        if progress is not None:
-            steps = iter(progress(steps, "scoring", traj.n_steps))
-        modes = traj.train_modes
+        linear, modes = traj.rule.linear, traj.train_modes
         if self.exact:
-            return exact_projections(traj, steps, PerSampleLoss(self.module, self.criterion, modes), self.like,
-                                     directions, n)
-        if traj.rule.linear:
+            return exact_projections(traj, self._steps(progress, reverse=True), PerSampleLoss(
+                self.module, self.criterion, modes), self.like, directions, n)
+        projector = make_projector(self.module, self.criterion, directions, n, self.plan, ghost if linear else None,
+                                   self.accumulate_bytes if linear else 0, traj.autocast, modes,
+                                   self.constant_stats)
+        # steps recomputed from checkpoints, forward: their own passes give the layers' factors (with the
+        # BatchNorm statistics held constant, by a second backward pass through the step's graph)
+        capture = None
+
+        def ride_along(model: nn.Module):
+            nonlocal capture
+            capture = projector.training_capture(model)
+            return capture
+
+        rides = (linear and self.store.location == "checkpoints" and isinstance(projector, LayerFactorProjector)
+                 and traj.shard is None)
+        steps = self._steps(progress, reverse=not linear, capture=ride_along if rides else None)
+        if linear:
             weights = step_weights(traj)
-            projector = make_projector(self.module, self.criterion, directions, n, self.plan, rows,
-                                       self.accumulate_bytes, traj.autocast, modes, self.constant_stats)
             for step in steps:
+                if step.captured is not None:
+                    projector.add_captured(step.captured, step.idx, float(weights[step.t]),
+                                           algebras=capture.algebras)
+                    continue
                 with step_rng(traj.step_seed(step.t), step.xb.device):
                     projector.add(unflatten(step.w, self.like), step.idx, step.xb, step.yb, float(weights[step.t]))
             return projector.result()
-        projector = make_projector(self.module, self.criterion, directions, n, self.plan, None, 0, traj.autocast,
-                                   modes, self.constant_stats)
         for step, d in free_factors(traj, steps):
             with step_rng(traj.step_seed(step.t), step.xb.device):
                 projector.add(unflatten(step.w, self.like), step.idx, step.xb, step.yb,
                               n / traj.batch_size_at(step.t), directions=directions * d)
         return projector.result()
+
+    def _steps(self, progress: Progress | None, reverse: bool, capture=None):
+        steps = self.store.walk(self.module, self.X, self.y, self.criterion, reverse=reverse, capture=capture)
+        return steps if progress is None else iter(progress(steps, "scoring", self.trajectory.n_steps))
 
     def close(self) -> None:
         self.store.close()

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .batches import Inputs, step_inputs, step_indices
-from .optimizers import State
+from .optimizers import State, step_in_place
 from .modes import set_modes
 from .training import Step, Trajectory, advance, trainable_parameters, write_parameters
 
@@ -186,7 +186,7 @@ class RunStore:
     # -- walking the run again --------------------------------------------------------------------------
 
     def walk(self, module: nn.Module | None = None, X: Inputs | None = None, y: torch.Tensor | None = None,
-             criterion: nn.Module | None = None, *, reverse: bool = False) -> Iterator[Step]:
+             criterion: nn.Module | None = None, *, reverse: bool = False, capture=None) -> Iterator[Step]:
         """Every step of the run at its recorded ``(w_{t-1}, s_{t-1}, g_t)``, first to last or last to first.
 
         Parameters
@@ -200,11 +200,19 @@ class RunStore:
         criterion : nn.Module, optional
             For ``"checkpoints"``.
         reverse : bool, default=False
+        capture : callable, optional
+            With ``"checkpoints"``: called with the model that recomputes the
+            steps, it returns a :class:`hydraclean.projection.LayerCapture`
+            (training mode) to ride along; each step then carries what it
+            caught as ``Step.captured`` (a projection needs no pass of its
+            own). Ignored by the other locations.
 
         Yields
         ------
         Step
-            Its tensors are the store's own: do not modify them.
+            Its tensors are the store's own: do not modify them. Walking
+            forward, they hold until the next step (one buffer, updated in
+            place).
         """
         traj, n_steps = self.trajectory, self.trajectory.n_steps
         recompute = self.location == "checkpoints"
@@ -223,25 +231,51 @@ class RunStore:
             model.load_state_dict(traj.initial_state)
             set_modes(model, traj.train_modes)
             params = trainable_parameters(model)
+            capture = capture(model) if capture is not None else None
+        else:
+            capture = None
+        try:
+            yield from self._walk_segments(segments, batches, model, params, criterion, y, reverse, capture)
+        finally:
+            if capture is not None:
+                capture.detach()
+
+    def _walk_segments(self, segments, batches, model, params, criterion, y, reverse, capture) -> Iterator[Step]:
+        traj = self.trajectory
+        g_buffer = None if model is None or reverse else torch.empty_like(self._marks[0][0])
         for a, b in segments:
             # forward, the whole run is one segment from w_0; otherwise every segment starts at a mark
             w, state = self._marks[a // self.interval]
             rows = []
             for t in range(a, b):
                 _, idx, xb = next(batches)
-                if recompute:
+                captured = None
+                if model is not None:
                     write_parameters(params, w)
                     with torch.enable_grad():
-                        g = advance(model, params, criterion, traj, t, xb, y[idx])[3]
+                        if capture is None:
+                            g = advance(model, params, criterion, traj, t, xb, y[idx], out=g_buffer)[3]
+                        else:
+                            x_in = capture.inputs(xb)
+                            _, _, loss, g = advance(model, params, criterion, traj, t, x_in, y[idx],
+                                                    retain_graph=capture.second_pass, out=g_buffer)
+                            capture.after_step(loss, x_in, params)
+                            del loss
+                            captured = capture.take()
                 else:
                     g = self._gradient(t)
-                step = Step(t, idx, xb, None if y is None else y[idx], w, state, g)
+                step = Step(t, idx, xb, None if y is None else y[idx], w, state, g, captured)
                 if reverse:
                     rows.append(step)
                 else:
                     yield step
                 if t + 1 < b:
-                    w, state = traj.rule.step(w, state, g, t + 1, traj.hyper_at(t))
+                    if reverse:  # the segment's steps are kept: each its own weights
+                        w, state = traj.rule.step(w, state, g, t + 1, traj.hyper_at(t))
+                    else:  # each step is used before the next: one buffer, updated in place
+                        if t == a:
+                            w, state = w.clone(), tuple(s.clone() for s in state)
+                        step_in_place(traj.rule, w, state, g, t + 1, traj.hyper_at(t))
             yield from reversed(rows)
 
     def _gradient(self, t: int) -> torch.Tensor:

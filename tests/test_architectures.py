@@ -70,10 +70,12 @@ def test_ids_no_embedding_can_look_up_are_refused_naming_them(shift, message):
     assert not hasattr(est, "contribution_")
 
 
-def test_other_integer_inputs_are_cast_to_the_modules_dtype():
-    """uint8 image bytes are values, not ids: they reach the module as floats."""
+@pytest.mark.parametrize("dtype", [np.uint8, np.int64])
+def test_other_integer_inputs_are_cast_to_the_modules_dtype(dtype):
+    """uint8 image bytes are values, not ids, and so are int64 features of a module without an embedding:
+    they reach the module as floats."""
     rng = np.random.RandomState(0)
-    X = rng.randint(0, 255, (60, 4)).astype(np.uint8)
+    X = rng.randint(0, 255, (60, 4)).astype(dtype)
     y = (X[:, 0] > 127).astype(int)
     seen = []
 

@@ -139,7 +139,9 @@ def test_strategy_does_not_change_the_scores(flat):
     X, y, _, Xv, yv = flat
     drop = HydraLabelCleaner(mlp, **FAST).fit(X, y, X_val=Xv, y_val=yv)
     cluster = HydraLabelCleaner(mlp, strategy="cluster", n_val_features=20, **FAST).fit(X, y, X_val=Xv, y_val=yv)
-    np.testing.assert_allclose(cluster.contribution_, drop.contribution_, rtol=1e-5, atol=1e-9)
+    # float32 products by other routes (ghost products where they cost less): to 1e-5 of the scale
+    scale = np.abs(drop.contribution_).max()
+    np.testing.assert_allclose(cluster.contribution_, drop.contribution_, rtol=1e-5, atol=1e-5 * scale)
 
 
 def test_cluster_leaves_tiny_classes_alone(flat):

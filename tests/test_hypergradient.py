@@ -443,3 +443,56 @@ def test_a_module_that_changes_its_input_in_training_keeps_per_step_convolution_
     C_ref, _, _ = ref.free_recurrence(_NoisyInputs(in_place), X, y, Xv, yv, traj, CE)  # each run from call 0
     result = fit_contributions(module, X, y, Xv, yv, criterion=CE, trajectory=plan(n, 3, 2, lr=0.1))
     assert ref.relative_error(result.contribution, C_ref) < 1e-9
+
+
+@pytest.mark.parametrize("with_rows", [False, True], ids=["classes", "classes and validation rows"])
+def test_sgd_stored_run_from_checkpoints_takes_the_layers_from_the_recomputed_steps(monkeypatch, with_rows):
+    """Checkpoints recompute every step; the layers' factors ride along those passes (no pass of their own),
+    dropout and ghost rows included."""
+    from hydraclean.projection import LayerFactorProjector
+
+    n = 8
+    X, y, Xv, yv = data(n, shape=(1, 6, 6))
+    module = ref.tiny_conv_net()
+    rows = torch.arange(len(yv)) if with_rows else None
+    by_class = ref.class_contributions(module, X, y, Xv, yv, plan(n, 3, 2), CE, 3, "free")
+    factors = fit_contributions(module, X, y, Xv, yv, criterion=CE, trajectory=plan(n, 3, 2), val_rows=rows)
+
+    def no_pass_of_its_own(*args, **kwargs):
+        raise AssertionError("a projection pass of its own")
+
+    rides = []
+    training_capture = LayerFactorProjector.training_capture
+    monkeypatch.setattr(LayerFactorProjector, "capture_at", no_pass_of_its_own)
+    monkeypatch.setattr(LayerFactorProjector, "training_capture", lambda self, m: rides.append(m) or
+                        training_capture(self, m))
+    result = fit_contributions(module, X, y, Xv, yv, criterion=CE, trajectory=plan(n, 3, 2), max_memory=3_000,
+                               val_rows=rows)
+    assert len(rides) == 1  # the route was the stored run's, from checkpoints
+    assert ref.relative_error(result.class_contribution, by_class) < 1e-9
+    if with_rows:
+        assert ref.relative_error(result.contribution_matrix, factors.contribution_matrix) < 1e-9
+
+
+@pytest.mark.parametrize("with_rows", [False, True], ids=["classes", "classes and validation rows"])
+def test_batchnorm_constant_from_checkpoints_rides_the_recomputed_steps(monkeypatch, with_rows):
+    """BatchNorm in train mode with its statistics held constant: from checkpoints, a second backward pass
+    through each recomputed step gives the same contributions as a projection pass of its own."""
+    from hydraclean.projection import LayerFactorProjector
+
+    n = 8
+    X, y, Xv, yv = data(n, shape=(1, 5, 5))
+    rows = torch.arange(len(yv)) if with_rows else None
+    module = ref.tiny_bn_cnn()
+    own_pass = fit_contributions(module, X, y, Xv, yv, criterion=CE, trajectory=plan(n, 4, 2), val_rows=rows)
+    rides = []
+    training_capture = LayerFactorProjector.training_capture
+    monkeypatch.setattr(LayerFactorProjector, "capture_at", lambda *a, **k: pytest.fail("a pass of its own"))
+    monkeypatch.setattr(LayerFactorProjector, "training_capture", lambda self, m: rides.append(m) or
+                        training_capture(self, m))
+    ridden = fit_contributions(module, X, y, Xv, yv, criterion=CE, trajectory=plan(n, 4, 2), val_rows=rows,
+                               max_memory=2_500)
+    assert len(rides) == 1
+    assert ref.relative_error(ridden.class_contribution, own_pass.class_contribution) < 1e-10
+    if with_rows:
+        assert ref.relative_error(ridden.contribution_matrix, own_pass.contribution_matrix) < 1e-10

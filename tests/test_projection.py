@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from hydraclean.gradients import parameter_dict
+from hydraclean.gradients import flatten, parameter_dict, unflatten
 from hydraclean.layers import (
     AttentionAlgebra,
     ConvAlgebra,
@@ -50,8 +50,10 @@ def layer_products(module, xb, yb, n_directions=3, seed=7, **probe):
     V = torch.randn(n_directions, trainable(module), dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     projector = LayerFactorProjector(module, CE, V, xb.shape[0], plan, constant_stats=probe.get("constant_stats",
                                                                                                  False))
+    # at weights that are views of one flat vector, as when scoring walks a stored run
+    params = parameter_dict(module)
     with ref.seeded(seed):
-        projector.add(parameter_dict(module), torch.arange(xb.shape[0]), xb, yb, 1.0)
+        projector.add(unflatten(flatten(params), params), torch.arange(xb.shape[0]), xb, yb, 1.0)
     return plan, projector.result(), V
 
 
@@ -253,25 +255,50 @@ def test_options_a_layer_class_cannot_serve_go_to_the_module_route(module):
     assert algebra_for(module) is expected
 
 
-def test_ghost_products_equal_validation_gradient_directions_with_and_without_bias():
-    """Directions that are validation samples' own eval-mode gradients: ghost products for Linear layers,
-    with and without bias (whose "+ 1" in (a_i . a_j + 1) is the bias's own product)."""
-    for bias in (True, False):
-        module = ref.tiny_conv_net().train()
-        if not bias:
-            for layer in (module[6], module[8]):
-                layer.bias = None
-        xb, yb = batch((1, 6, 6))
-        X_rows, y_rows = batch((1, 6, 6), n=4, seed=3)
-        w = ref.flat_params(module)
-        rows = ref.eval_per_sample_grads(module, w, X_rows, y_rows, CE)
-        V = torch.cat([torch.randn(2, w.numel(), dtype=torch.float64), rows])
-        plan = probe_layers(module, CE, xb, yb)
-        projector = LayerFactorProjector(module, CE, V, 5, plan, rows=(module, X_rows, y_rows))
-        assert len(projector.row_factors) == 2  # both Linear layers take the ghost route
-        with ref.seeded(7):
-            projector.add(parameter_dict(module), torch.arange(5), xb, yb, 2.0)
-        assert ref.relative_error(projector.result(), 2.0 * brute(module, xb, yb, V)) < 1e-12
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("net", ["conv", "positions"])
+def test_ghost_products_equal_directions_made_of_validation_gradients(monkeypatch, bias, net):
+    """Directions that combine validation samples' own eval-mode gradients (a mean, class means, single rows):
+    the ghost products of Linear layers (one position or many) and Conv2d layers (padded, strided), with and
+    without bias, equal the products with the directions themselves."""
+    from hydraclean import projection
+    from hydraclean.ghost import GhostRows
+
+    if net == "conv":
+        module, shape = ref.tiny_conv_net().train(), (1, 6, 6)
+        layers = [module[0], module[2], module[6], module[8]]
+    else:
+        module, shape = ref.PositionsNet().train(), (6, 3)
+        layers = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    if not bias:
+        for layer in layers:
+            layer.bias = None
+    xb, yb = batch(shape)
+    X_rows, y_rows = batch(shape, n=4, seed=3)
+    G = ref.eval_per_sample_grads(module, ref.flat_params(module), X_rows, y_rows, CE)
+    mixing = torch.tensor([[0.25] * 4, [0.5, 0, 0, 0.5], [0, 1.0, 0, 0], [0, 0, 0, 1.0]], dtype=torch.float64)
+    V = mixing @ G
+    monkeypatch.setattr(projection, "pays", lambda *args: True)  # every layer that has the form takes it
+    projector = LayerFactorProjector(module, CE, V, 5, probe_layers(module, CE, xb, yb),
+                                     GhostRows(module, X_rows, y_rows, mixing))
+    assert len(projector.row_factors) == len(layers)
+    with ref.seeded(7):
+        projector.add(parameter_dict(module), torch.arange(5), xb, yb, 2.0)
+    assert ref.relative_error(projector.result(), 2.0 * brute(module, xb, yb, V)) < 1e-12
+
+
+def test_ghost_products_are_taken_where_they_cost_less():
+    """A wide convolution at one output position against 10 class directions: the ghost product (n_val
+    (in + out) per sample) beats the directions' own (10 in out); at 64 positions it does not."""
+    from hydraclean.ghost import pays
+
+    alg = ConvAlgebra(nn.Conv2d(256, 512, 3, padding=1))
+    one = (torch.zeros(1, 256 * 9), torch.zeros(1, 512))
+    many = (torch.zeros(64, 256 * 9), torch.zeros(64, 512))
+    assert pays(alg, one, 500, 10) and not pays(alg, many, 500, 10)
+    head = LinearAlgebra(nn.Linear(512, 10))
+    assert not pays(head, (torch.zeros(1, 512), torch.zeros(1, 10)), 500, 10)
+    assert pays(head, (torch.zeros(1, 512), torch.zeros(1, 10)), 500, 1010)  # the cluster strategy's rows
 
 
 @pytest.mark.parametrize("accumulate_bytes", [0, 10**6])
@@ -317,3 +344,31 @@ def test_conv_sample_gradients_equal_one_backward_per_sample(conv):
         expected.append(torch.autograd.grad(conv(a[i : i + 1]), conv.weight, delta[i : i + 1])[0].reshape(-1))
     got = conv2d_sample_gradients(conv, a, delta).reshape(4, -1)
     assert ref.relative_error(got, torch.stack(expected)) < 1e-12
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(4, 6, 3, stride=2, padding=1),
+        nn.Conv2d(4, 6, 3, groups=2, padding=1, padding_mode="reflect", bias=False),
+        nn.Conv2d(4, 4, (3, 2), dilation=(2, 1), padding="same", groups=4),
+        nn.Conv1d(4, 6, 3, padding="same", groups=2, padding_mode="circular"),
+    ],
+)
+@pytest.mark.parametrize("k", [3, 300])
+def test_conv_products_by_convolving_the_directions_equal_per_sample_gradients(conv, k):
+    """Few directions x positions: the inputs convolved with the directions; many: per-sample gradients."""
+    from hydraclean import layers
+
+    conv = conv.double()
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 4, *((5, 4) if isinstance(conv, nn.Conv2d) else (6,)), dtype=torch.float64, generator=g)
+    delta = torch.randn_like(conv(a)).detach()
+    alg = ConvAlgebra(conv)
+    V = torch.randn(k, alg.size, dtype=torch.float64, generator=g)
+    params = [p for p in conv.parameters()]
+    expected = torch.stack([torch.cat([gr.reshape(-1) for gr in torch.autograd.grad(
+        conv(a[i : i + 1]), params, delta[i : i + 1])]) for i in range(5)]) @ V.T
+    direct = k * delta[0, 0].numel() <= layers.DIRECT_LIMIT
+    assert direct == (k == 3)
+    assert ref.relative_error(alg.apply(a, [delta], V), expected) < 1e-12

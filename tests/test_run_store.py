@@ -40,6 +40,12 @@ class Visits:
                                   tuple(s.clone() for s in step.state), step.g.clone())
 
 
+def kept(steps):
+    """Copies of the walked steps (a forward walk updates one buffer in place)."""
+    return [Step(s.t, s.idx, s.xb, s.yb, s.w.clone(), tuple(x.clone() for x in s.state), s.g.clone(), s.captured)
+            for s in steps]
+
+
 class Both:
     def __init__(self, *recorders):
         self.recorders = recorders
@@ -80,7 +86,7 @@ def test_walks_visit_the_recorded_steps_bit_for_bit(kind, reverse, momentum, opt
     train(module, X, y, CE, traj, recorder=Both(store, recorded))
     replayed = Visits()
     replay(traj, module, X, y, CE, replayed)
-    walked = list(store.walk(module, X, y, CE, reverse=reverse))
+    walked = kept(store.walk(module, X, y, CE, reverse=reverse))
     assert [s.t for s in walked] == list(range(traj.n_steps))[:: -1 if reverse else 1]
     assert store.location == kind.split(",")[0]
     assert store.interval == {"checkpoints": 3, "checkpoints, uneven": uneven}.get(kind, store.interval)
@@ -116,7 +122,7 @@ def test_a_parameter_without_gradient_is_stepped_with_zero_and_checkpointed():
     n_params = sum(p.numel() for p in module.parameters())
     store = RunStore(traj, n_params, torch.float32, "cpu", 4 * n_params * 4 * 2 + 1)
     model, _, _ = train(module, X, y, CE, traj, recorder=store)
-    steps = list(store.walk(module, X, y, CE))
+    steps = kept(store.walk(module, X, y, CE))
     assert store.location == "checkpoints" and len(steps) == traj.n_steps
     spare = slice(n_params - 12, n_params)
     assert all(torch.equal(s.g[spare], torch.zeros(12)) for s in steps)
@@ -183,3 +189,33 @@ def test_estimator_memory_errors(kw, message):
     with pytest.raises(ValueError, match=message):
         est.fit(X, y, validation_mask=np.arange(len(y)) >= 45)
     assert not hasattr(est, "contribution_")
+
+
+def test_a_capture_with_a_second_pass_leaves_the_recomputed_gradients_bit_for_bit():
+    """BatchNorm in train mode, recomputed from checkpoints with the constant-statistics capture riding along
+    (its own backward pass through each step's graph): every step's gradient is the training run's."""
+    from hydraclean.projection import LayerFactorProjector, probe_layers
+
+    module = ref.tiny_bn_cnn().float()
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(10, 1, 5, 5, generator=g), torch.arange(10) % 3
+    traj = plan_trajectory(10, batch_size=4, max_epochs=3, lr=0.1, momentum=0.9, weight_decay=0.01, seed=0)
+    n_params = sum(p.numel() for p in module.parameters())
+    visits, store = Visits(), RunStore(traj, n_params, torch.float32, "cpu", 4 * n_params * 4 * 2 + 1)
+
+    class Both(Visits):
+        def attach(self, model):
+            store.attach(model)
+
+        def record(self, step):
+            super().record(step)
+            store.record(step)
+
+    visits = Both()
+    train(module, X, y, CE, traj, recorder=visits)
+    plan = probe_layers(module, CE, X[:4], y[:4], constant_stats=True)
+    projector = LayerFactorProjector(module, CE, torch.zeros(1, n_params), 10, plan, constant_stats=True)
+    steps = kept(store.walk(module, X, y, CE, capture=projector.training_capture))
+    assert store.location == "checkpoints"
+    for step in steps:
+        assert torch.equal(step.g, visits.steps[step.t].g) and step.captured
