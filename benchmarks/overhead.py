@@ -32,7 +32,16 @@ Memory: each configuration at the longest run (the exact fits at the shortest)
 in a fresh subprocess, peak resident memory (VmHWM) and the bound of issue 9:
 plain training + max_memory + the N x K float64 results + 300 MB.
 
+``--architectures``: the rows of issue 18 instead (benchmarks/architectures.py:
+torchvision's ResNet-18 with BatchNorm and with GroupNorm on 32x32 images, a
+frozen ResNet-18 with a linear head, an EmbeddingBag and a two-layer
+TransformerEncoder over token ids), one torch thread, each fit's time over the
+mean of the plain loops run just before and just after it (median over the
+rounds), its AUROC against the noise mask, and each row's peak memory against
+the same bound, in fresh processes.
+
     python benchmarks/overhead.py [--epochs 3 20] [--repeats 5] [--out docs/_generated/overhead.md]
+    python benchmarks/overhead.py --architectures [--repeats 2] [--out docs/_generated/overhead_architectures.md]
 """
 
 from __future__ import annotations
@@ -173,15 +182,125 @@ def peak_memory(name: str, epochs: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+ARCHITECTURE_FITS = {
+    "default fit (10 class directions)": {},
+    "scoring='contribution' (1 direction)": {"scoring": "contribution", "drop_fraction": 0.2},
+}
+
+
+def architecture_timings(repeats: int, names: list[str]) -> list[dict]:
+    """Per row and fit: median seconds and median ratio to the plain loops just before and after it."""
+    import architectures as arch
+
+    out = []
+    for name in names:
+        row = arch.ROWS[name]
+        data = row.data()
+        small = tuple(part[:256] for part in data)
+        arch.plain_training(row, small)  # warm-up
+        arch.fit(row, small)
+        fits = ARCHITECTURE_FITS if "ResNet-18, " in name else dict(list(ARCHITECTURE_FITS.items())[:1])
+        seconds = {label: [] for label in fits}
+        ratios = {label: [] for label in fits}
+        plains, aurocs = [], {}
+        for r in range(repeats):
+            for label, params in fits.items():
+                t0 = time.perf_counter()
+                arch.plain_training(row, data)
+                before = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                cleaner = arch.fit(row, data, **params)
+                seconds[label].append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                arch.plain_training(row, data)
+                after = time.perf_counter() - t0
+                plains += [before, after]
+                ratios[label].append(seconds[label][-1] / ((before + after) / 2))
+                aurocs[label] = arch.auroc(cleaner, data)
+                print(f"  {name}, {label}, round {r + 1}: {seconds[label][-1]:.1f} s, plain {before:.1f} / "
+                      f"{after:.1f} s", file=sys.stderr)
+        for label in fits:
+            out.append({"row": name, "fit": label, "seconds": float(np.median(seconds[label])),
+                        "plain_seconds": float(np.median(plains)), "ratio": float(np.median(ratios[label])),
+                        "rounds": repeats, "auroc": aurocs[label]})
+    return out
+
+
+def architecture_memory_child(name: str, which: str) -> None:
+    """Peak RSS of one row's plain loop or default fit, in MiB (called in a fresh subprocess)."""
+    import architectures as arch
+
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore", UserWarning)
+    row = arch.ROWS[name]
+    data = row.data()
+    base = rss_mib("VmRSS")
+    if which == "plain":
+        arch.plain_training(row, data)
+    else:
+        arch.fit(row, data, max_memory=MAX_MEMORY)
+    print(json.dumps({"peak_mib": rss_mib("VmHWM"), "above_baseline_mib": rss_mib("VmHWM") - base,
+                      "results_mib": arch.n_results(row, data) * 8 / 2**20}))
+
+
+def architectures_main(args) -> None:
+    import architectures as arch
+
+    torch.set_num_threads(1)
+    names = [n for n in arch.ROWS if not any(w in n for w in args.skip)]
+    rows = architecture_timings(args.repeats, names)
+    lines = [f"Machine: {platform.processor() or platform.machine()}, 1 torch thread, torch {torch.__version__}, "
+             f"Python {platform.python_version()}. {arch.__doc__.split(chr(10) + chr(10))[1]}", "",
+             f"### Time ({args.repeats} rounds in one process: median seconds, median of each fit's ratio to the "
+             "plain loops just before and after it)", "",
+             "| model | fit | seconds | plain training (s) | ratio to plain training | AUROC |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['row']} | {r['fit']} | {r['seconds']:.1f} | {r['plain_seconds']:.1f} | {r['ratio']:.2f} "
+                     f"| {r['auroc']:.3f} |")
+    budget_mib = parse_bytes(MAX_MEMORY) / 2**20
+    lines += ["", "### Peak resident memory of the default fit (fresh process each)", "",
+              f"Bound: the plain loop's peak + max_memory ({budget_mib:.0f} MiB) + the N x K results in float64 + "
+              "300 MB.", "",
+              "| model | plain peak (MiB) | fit peak (MiB) | results (MiB) | bound (MiB) | within the bound |",
+              "|---|---|---|---|---|---|"]
+    memory = {}
+    for name in names:
+        got = {}
+        for which in ("plain", "fit"):
+            out = subprocess.run([sys.executable, __file__, "--architectures", "--child", name, "--which", which],
+                                 capture_output=True, text=True, check=True)
+            got[which] = json.loads(out.stdout.strip().splitlines()[-1])
+        bound = got["plain"]["peak_mib"] + budget_mib + got["fit"]["results_mib"] + 300 * 10**6 / 2**20
+        memory[name] = {**got, "bound_mib": bound}
+        ok = "yes" if got["fit"]["peak_mib"] <= bound else "**no**"
+        lines.append(f"| {name} | {got['plain']['peak_mib']:.0f} | {got['fit']['peak_mib']:.0f} | "
+                     f"{got['fit']['results_mib']:.1f} | {bound:.0f} | {ok} |")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+        with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+            json.dump({"timings": rows, "memory": memory}, f, indent=1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, nargs="+", default=[3, 20])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=None)
     parser.add_argument("--skip", nargs="*", default=[], help="leave out configurations containing these words")
+    parser.add_argument("--architectures", action="store_true", help="the architecture rows of issue 18 instead")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--which", default="fit", help=argparse.SUPPRESS)
     args = parser.parse_args()
     warnings.simplefilter("ignore", UserWarning)
+    if args.architectures:
+        if args.child:
+            architecture_memory_child(args.child, args.which)
+        else:
+            architectures_main(args)
+        return
     if args.child:
         peak_memory_child(args.child, args.epochs[0])
         return

@@ -372,8 +372,22 @@ class EmbeddingAlgebra(LayerAlgebra):
 
     def products(self, factors, V):
         ids, d = factors
-        table = V.reshape(V.shape[0], self.module.num_embeddings, self.module.embedding_dim)
-        return torch.einsum("kbtd,btd->bk", table[:, ids], d)
+        b, length = ids.shape
+        table = _by_row(V, self.module.num_embeddings, self.module.embedding_dim)
+        k, dim = V.shape[0], self.module.embedding_dim
+        out = d.new_empty(b, k)
+        step = max(1, CHUNK_BYTES // max(1, length * k * dim * d.element_size()))
+        for start in range(0, b, step):  # each token's row of every direction, a block of samples at a time
+            rows = slice(start, start + step)
+            looked_up = F.embedding(ids[rows], table).reshape(-1, length, k, dim)
+            out[rows] = torch.einsum("btkd,btd->bk", looked_up, d[rows])
+        return out
+
+
+def _by_row(V: torch.Tensor, n_rows: int, dim: int) -> torch.Tensor:
+    """The directions' tables ``(K, n_rows * dim)`` as one table of rows ``(n_rows, K * dim)``: token ``t``'s
+    row holds every direction's row ``t``, so that one lookup reads all of them."""
+    return V.reshape(V.shape[0], n_rows, dim).transpose(0, 1).reshape(n_rows, -1)
 
 
 class EmbeddingBagAlgebra(LayerAlgebra):
@@ -410,8 +424,11 @@ class EmbeddingBagAlgebra(LayerAlgebra):
 
     def products(self, factors, V):
         ids, w, d = factors
-        table = V.reshape(V.shape[0], self.module.num_embeddings, self.module.embedding_dim)
-        return torch.einsum("kbtd,bt,bd->bk", table[:, ids], w, d)
+        k, dim = V.shape[0], self.module.embedding_dim
+        table = _by_row(V, self.module.num_embeddings, dim)
+        # every direction's weighted bag sum at once: an EmbeddingBag over the directions' rows
+        bags = F.embedding_bag(ids, table, per_sample_weights=w.to(table.dtype), mode="sum")
+        return torch.einsum("bkd,bd->bk", bags.reshape(-1, k, dim), d)
 
 
 class NormAlgebra(LayerAlgebra):
