@@ -78,7 +78,9 @@ class UpdateRule(Protocol):
 
 @dataclass(frozen=True)
 class SGD:
-    """``torch.optim.SGD``: momentum ``p_t``, dampening, Nesterov, L2 weight decay ``lam``::
+    """``torch.optim.SGD``: momentum, dampening, Nesterov and L2 weight decay.
+
+    With momentum ``p_t`` and weight decay ``lam``::
 
         d_t = g_t + lam w_{t-1};   v_t = p_t v_{t-1} + (1 - dampening) d_t   (v_1 = d_1)
         w_t = w_{t-1} - eta_t (d_t + p_t v_t  if nesterov  else  v_t)
