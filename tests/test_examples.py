@@ -26,6 +26,8 @@ def fashion_mnist_available() -> bool:
         "digits_imblearn_pipeline.py",
         "explain_prediction.py",
         "image_folder.py",
+        "frozen_backbone.py",
+        "text_token_ids.py",
         pytest.param("fashion_mnist_lenet5.py", marks=pytest.mark.skipif(
             not fashion_mnist_available(), reason="Fashion-MNIST files absent (apt-get install dataset-fashion-mnist)")),
     ],
