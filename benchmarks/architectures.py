@@ -124,9 +124,10 @@ def fit(row: Row, data, **params) -> HydraLabelCleaner:
 
 
 def auroc(cleaner: HydraLabelCleaner, data) -> float:
+    """AUROC of the fit's score (``label_quality_``, the one its flags rank by) against the noise mask."""
     from sklearn.metrics import roc_auc_score
 
-    return float(roc_auc_score(data[4], -cleaner.contribution_))
+    return float(roc_auc_score(data[4], -cleaner.label_quality_))
 
 
 def n_results(row: Row, data) -> int:

@@ -37,8 +37,8 @@ torchvision's ResNet-18 with BatchNorm and with GroupNorm on 32x32 images, a
 frozen ResNet-18 with a linear head, an EmbeddingBag and a two-layer
 TransformerEncoder over token ids), one torch thread, each fit's time over the
 mean of the plain loops run just before and just after it (median over the
-rounds), its AUROC against the noise mask, and each row's peak memory against
-the same bound, in fresh processes.
+rounds), the AUROC of its score (label_quality_) against the noise mask, and
+each row's peak memory against the same bound, in fresh processes.
 
     python benchmarks/overhead.py [--epochs 3 20] [--repeats 5] [--out docs/_generated/overhead.md]
     python benchmarks/overhead.py --architectures [--repeats 2] [--out docs/_generated/overhead_architectures.md]
@@ -253,7 +253,7 @@ def architectures_main(args) -> None:
              f"Python {platform.python_version()}. {arch.__doc__.split(chr(10) + chr(10))[1]}", "",
              f"### Time ({args.repeats} rounds in one process: median seconds, median of each fit's ratio to the "
              "plain loops just before and after it)", "",
-             "| model | fit | seconds | plain training (s) | ratio to plain training | AUROC |", "|---|---|---|---|---|---|"]
+             "| model | fit | seconds | plain training (s) | ratio to plain training | AUROC (label_quality_) |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['row']} | {r['fit']} | {r['seconds']:.1f} | {r['plain_seconds']:.1f} | {r['ratio']:.2f} "
                      f"| {r['auroc']:.3f} |")
