@@ -16,6 +16,7 @@ import torch
 from sklearn.metrics import f1_score, jaccard_score, precision_score, recall_score, roc_auc_score
 from torch import nn
 
+from .data import input_dtype, takes_token_ids
 from .training import evaluate_model, plan_trajectory, step_rng, train
 
 __all__ = ["detection_metrics", "retrain_accuracy"]
@@ -112,7 +113,12 @@ def retrain_accuracy(
     traj = plan_trajectory(len(y), batch_size=batch_size, max_epochs=epochs, optimizer=optimizer, lr=lr,
                            lr_schedule=schedule, momentum=momentum, weight_decay=weight_decay, seed=seed)
     criterion = nn.CrossEntropyLoss(reduction="none")
-    to = lambda a, dt: torch.as_tensor(np.asarray(a), dtype=dt, device=device)  # noqa: E731
-    model, _, _ = train(module, to(X, dtype), to(y, torch.long), criterion, traj)
-    _, accuracy = evaluate_model(model, to(X_test, dtype), to(y_test, torch.long), criterion)
+    tokens = takes_token_ids(module)
+
+    def to(a, dt=None):
+        a = np.asarray(a)
+        return torch.as_tensor(a, dtype=dt or input_dtype(a.dtype, dtype, tokens), device=device)
+
+    model, _, _ = train(module, to(X), to(y, torch.long), criterion, traj)
+    _, accuracy = evaluate_model(model, to(X_test), to(y_test, torch.long), criterion)
     return accuracy
