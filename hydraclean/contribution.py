@@ -35,6 +35,7 @@ from .gradients import (
     eval_separable,
     per_sample_validation_gradients,
     validation_gradients,
+    without_second_derivative,
 )
 from .ghost import GhostRows
 from .routes import plan_route
@@ -183,6 +184,11 @@ def fit_contributions(
     n = y.shape[0]
     if hessian == "exact" and trajectory.shard is not None:
         raise ValueError("hessian='exact' runs in one process: pass distributed=False (or hessian='free').")
+    blockers = without_second_derivative(module) if hessian == "exact" else []
+    if blockers:
+        raise ValueError(f"hessian='exact' needs Hessian-vector products, and torch implements no second derivative "
+                         f"of nn.EmbeddingBag (trainable: {', '.join(blockers)}): use hessian='free', or an "
+                         "nn.Embedding followed by a mean or sum, which has one.")
     if n_classes is None:
         n_classes = int(max(y.max(), y_val.max())) + 1
     route = None

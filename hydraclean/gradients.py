@@ -33,6 +33,7 @@ __all__ = [
     "hessian_and_loss_tangents",
     "hessian_vector_products",
     "is_sample_separable",
+    "without_second_derivative",
     "parameter_dict",
     "per_sample_gradients",
     "per_sample_validation_gradients",
@@ -53,6 +54,17 @@ with warnings.catch_warnings():
 def parameter_dict(model: nn.Module, detach: bool = True) -> Params:
     """The trainable parameters of ``model`` as a dict, detached unless ``detach=False`` (no copy)."""
     return {k: p.detach() if detach else p for k, p in model.named_parameters() if p.requires_grad}
+
+
+def without_second_derivative(model: nn.Module) -> list[str]:
+    """Submodules with a trainable parameter that torch has no forward mode and no second derivative for.
+
+    ``nn.EmbeddingBag``: neither a JVP nor double backward goes through
+    ``_embedding_bag`` (torch 2.14), so no Hessian-vector product can (an
+    ``nn.Embedding`` followed by a mean or sum has both).
+    """
+    return [name for name, m in model.named_modules()
+            if isinstance(m, nn.EmbeddingBag) and any(p.requires_grad for p in m.parameters(recurse=False))]
 
 
 def flatten(tensors: Params, batch_dims: int = 0) -> torch.Tensor:
@@ -126,6 +138,7 @@ class PerSampleLoss:
         self.buffers = dict(self.module.named_buffers())
         self.criterion = criterion
         self.separable = is_sample_separable(self.module)
+        self.forward_mode = not without_second_derivative(self.module)
 
     def __call__(self, params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.criterion(functional_call(self.module, (params, self.buffers), (x,)), y)
@@ -179,10 +192,12 @@ def directional_derivatives(
     its per-sample gradients are the rows of the batch Jacobian, ``b``
     backward passes, so one JVP per direction is cheaper (a tenth of the time
     for DenseNet-BC-40 in ``benchmarks/batchnorm_route.py``). Each JVP starts
-    from the caller's random state, so all draw the same dropout masks.
+    from the caller's random state, so all draw the same dropout masks. A
+    module torch has no forward mode for (a trainable ``nn.EmbeddingBag``,
+    :func:`without_second_derivative`) always takes the per-sample gradients.
     """
     k = directions.shape[0]
-    if k == 1 or (not loss.separable and k < x.shape[0]):
+    if loss.forward_mode and (k == 1 or (not loss.separable and k < x.shape[0])):
         forks = {"devices": [x.device] if x.device.type == "cuda" else [], "device_type": x.device.type}
         columns = []
         for v in directions:

@@ -70,6 +70,35 @@ def test_ids_no_embedding_can_look_up_are_refused_naming_them(shift, message):
     assert not hasattr(est, "contribution_")
 
 
+def test_exact_mode_through_an_embedding_bag_is_refused_before_training():
+    """torch has no second derivative of EmbeddingBag: the refusal names the layer and the fixes."""
+    X, y, _, clean = topics()
+    est = HydraLabelCleaner(BagOfTokens, hessian="exact", max_epochs=1)
+    with pytest.raises(ValueError, match=r"no second derivative of nn.EmbeddingBag \(trainable: bag\).*nn.Embedding"):
+        est.fit(X[:180], y[:180], X_val=X[180:], y_val=clean[180:])
+    assert not hasattr(est, "contribution_")
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_directional_derivatives_through_an_embedding_bag_take_per_sample_gradients():
+    """torch has no JVP of EmbeddingBag either: one direction goes through the per-sample gradients."""
+    from hydraclean.gradients import PerSampleLoss, directional_derivatives, flatten, parameter_dict
+
+    torch.manual_seed(0)
+    X, y, _, _ = topics(n=6)
+    module = BagOfTokens().double()
+    x, t = torch.as_tensor(X), torch.as_tensor(y)
+    params = parameter_dict(module)
+    V = torch.randn(1, sum(p.numel() for p in params.values()), dtype=torch.float64)
+    D = directional_derivatives(PerSampleLoss(module, nn.CrossEntropyLoss(reduction="none")), params, x, t, V)
+    rows = []
+    for i in range(len(t)):
+        g = torch.autograd.grad(nn.functional.cross_entropy(module(x[i : i + 1]), t[i : i + 1]),
+                                list(module.parameters()))
+        rows.append(flatten(dict(zip(params, g))))
+    np.testing.assert_allclose(D.numpy(), (torch.stack(rows) @ V.T).numpy(), rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("dtype", [np.uint8, np.int64])
 def test_other_integer_inputs_are_cast_to_the_modules_dtype(dtype):
     """uint8 image bytes are values, not ids, and so are int64 features of a module without an embedding:
