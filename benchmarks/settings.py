@@ -19,6 +19,13 @@ Noise kinds:
   model memorising one systematic confusion per class (a random permutation
   of the classes, 20% of each class).
 
+Architectures practitioners train (issue 18): ``resnet``, a small BatchNorm
+ResNet (hydraclean.models.ResNet, 77,754 parameters) on digits and on
+Fashion-MNIST; ``topics``, synthetic topic documents as token ids
+(hydraclean.datasets.make_topic_tokens, four topics: nothing downloads) with a
+two-layer TransformerEncoder (``topics-...``) or an EmbeddingBag classifier
+(``topics-bag-...``).
+
 The ``tabular`` settings are the held-out check of the score ablation (a
 synthetic tabular problem and an MLP), run only once a choice was made.
 """
@@ -36,8 +43,8 @@ from methods import Training
 from sklearn.datasets import make_classification
 from sklearn.model_selection import train_test_split
 
-from hydraclean.datasets import load_digits_images, load_fashion_mnist, make_label_noise
-from hydraclean.models import MLP, LeNet5, SmallCNN
+from hydraclean.datasets import load_digits_images, load_fashion_mnist, make_label_noise, make_topic_tokens
+from hydraclean.models import MLP, BagOfTokens, LeNet5, ResNet, SmallCNN, TokenTransformer
 
 DIGITS_PAIRS = [(3, 5), (2, 7), (4, 9)]
 FASHION_PAIRS = [(2, 4), (0, 6), (7, 9)]  # (Pullover, Coat), (T-shirt, Shirt), (Sneaker, Ankle boot)
@@ -48,10 +55,10 @@ class Setting:
     """One benchmark setting."""
 
     name: str
-    dataset: str  # "digits", "fashion" or "tabular"
+    dataset: str  # "digits", "fashion", "topics" or "tabular"
     noise: str  # "symmetric", "pairs", "cc" or "permutation"
     rate: float
-    model: str  # "default" (the dataset's model) or "memorise" (an MLP trained to fit its labels)
+    model: str  # "default" (the dataset's model), "memorise" (an MLP fitting its labels), "resnet", "bag"
     title: str
     recipe: str = "sgd"  # "sgd" (the dataset's recipe) or "adamw" (AdamW with cosine annealing)
 
@@ -91,6 +98,14 @@ def _settings() -> dict[str, Setting]:
                                                   f"{title}, AdamW + cosine, symmetric noise 0.4", "adamw")
         out[f"{dataset}-adamw-pairs"] = Setting(f"{dataset}-adamw-pairs", dataset, "pairs", 0.4, "default",
                                                 f"{title}, AdamW + cosine, look-alike pairs 0.4", "adamw")
+    out["digits-resnet-sym-0.4"] = Setting("digits-resnet-sym-0.4", "digits", "symmetric", 0.4, "resnet",
+                                           "digits, BatchNorm ResNet, symmetric noise 0.4")
+    out["fashion-resnet-sym-0.2"] = Setting("fashion-resnet-sym-0.2", "fashion", "symmetric", 0.2, "resnet",
+                                            "Fashion-MNIST (4,000 images), BatchNorm ResNet, symmetric noise 0.2")
+    out["topics-sym-0.2"] = Setting("topics-sym-0.2", "topics", "symmetric", 0.2, "default",
+                                    "topic documents (token ids), TransformerEncoder, symmetric noise 0.2")
+    out["topics-bag-sym-0.4"] = Setting("topics-bag-sym-0.4", "topics", "symmetric", 0.4, "bag",
+                                        "topic documents (token ids), EmbeddingBag, symmetric noise 0.4")
     out["tabular-cc"] = Setting("tabular-cc", "tabular", "cc", 0.3, "default",
                                 "tabular (held out), class-conditional sparse noise 0.3")
     out["tabular-sym-0.4"] = Setting("tabular-sym-0.4", "tabular", "symmetric", 0.4, "default",
@@ -113,6 +128,22 @@ def ensure_fashion_mnist() -> None:
 
 def load_data(setting: Setting, smoke: bool = False, n_train: int = 10_000, seed: int = 0):
     """(make_module, recipe, X_train, y_train, X_val, y_val, X_test, y_test), labels clean."""
+    if setting.dataset == "topics":
+        bag = setting.model == "bag"
+        n, length, vocab = (8000, 64, 10_000) if bag else (4000, 32, 1000)
+        n = 400 if smoke else n
+        X, y = make_topic_tokens(n + 500 + 2000, n_classes=4, vocab_size=vocab, length=length, random_state=seed)
+        X_tr, y_tr, X_val, y_val = X[:n], y[:n], X[n : n + 500], y[n : n + 500]
+        X_test, y_test = X[n + 500 :], y[n + 500 :]
+        epochs = 2 if smoke else 5
+        if bag:
+            make_module, recipe = partial(BagOfTokens, vocab, 4), Training(max_epochs=epochs, batch_size=64, lr=0.5)
+        else:
+            make_module = partial(TokenTransformer, vocab, 4, length)
+            recipe = Training(max_epochs=epochs, batch_size=64, lr=0.1)
+        return make_module, recipe, X_tr, y_tr, X_val, y_val, X_test, y_test
+    if setting.model == "resnet" and setting.dataset == "fashion":
+        n_train = 4000
     if setting.dataset == "digits":
         X, y = load_digits_images()
         X_rest, X_test, y_rest, y_test = train_test_split(X, y, test_size=0.2, stratify=y, random_state=seed)
@@ -123,6 +154,9 @@ def load_data(setting: Setting, smoke: bool = False, n_train: int = 10_000, seed
         if setting.model == "memorise":
             make_module: Callable = partial(MLP, 64, 10, hidden=(256,))
             recipe = Training(max_epochs=3 if smoke else 150, batch_size=32, lr=0.05)
+        elif setting.model == "resnet":
+            make_module, recipe = partial(ResNet, 10, 1), Training(max_epochs=2 if smoke else 15, batch_size=32,
+                                                                   lr=0.05)
         elif setting.recipe == "adamw":
             make_module, recipe = SmallCNN, Training(max_epochs=2 if smoke else 15, batch_size=32, lr=3e-3,
                                                      weight_decay=None, optimizer="adamw", cosine=True)
@@ -147,6 +181,9 @@ def load_data(setting: Setting, smoke: bool = False, n_train: int = 10_000, seed
     tr = rng.permutation(len(y))[: (500 if smoke else n_train)]
     order = rng.permutation(len(y_te))
     val, test = order[:1000], order[1000:]  # trusted validation from the test split; the rest tests
+    if setting.model == "resnet":
+        recipe = Training(max_epochs=2 if smoke else 8, batch_size=64, lr=0.05)
+        return partial(ResNet, 10, 1), recipe, X[tr], y[tr], X_te[val], y_te[val], X_te[test], y_te[test]
     if setting.recipe == "adamw":
         recipe = Training(max_epochs=2 if smoke else 10, batch_size=64, lr=1e-3, weight_decay=None, optimizer="adamw",
                           cosine=True)

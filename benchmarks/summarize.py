@@ -67,15 +67,16 @@ def figures(results: list[dict], d: Path) -> list[str]:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    auroc = np.array([[r["methods"][m]["auroc"] for m in METHODS] for r in results])
+    # a method a setting could not run (LiSSA without a second derivative) is NaN: left out of its mean
+    auroc = np.array([[r["methods"].get(m, {"auroc": np.nan})["auroc"] for m in METHODS] for r in results])
     fig, ax = plt.subplots(figsize=(9, 0.38 * len(results) + 1.6))
     im = ax.imshow(auroc, cmap="viridis", vmin=0.5, vmax=1.0, aspect="auto")
     ax.set_xticks(range(len(METHODS)), METHODS, rotation=30, ha="right")
     ax.set_yticks(range(len(results)), [r["title"] for r in results])
     for i in range(auroc.shape[0]):
-        best = auroc[i].max()
+        best = np.nanmax(auroc[i])
         for j in range(auroc.shape[1]):
-            ax.text(j, i, f"{auroc[i, j]:.3f}", ha="center", va="center", fontsize=7,
+            ax.text(j, i, "n/a" if np.isnan(auroc[i, j]) else f"{auroc[i, j]:.3f}", ha="center", va="center", fontsize=7,
                     color="black" if auroc[i, j] > 0.8 else "white", weight="bold" if auroc[i, j] == best else None)
     fig.colorbar(im, ax=ax, label="AUROC (flipped labels)")
     ax.set_title("Ranking mislabelled samples: AUROC by method and setting (bold: best)")
@@ -85,9 +86,9 @@ def figures(results: list[dict], d: Path) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for j, m in enumerate(METHODS):
-        ratios = [r["methods"][m]["time_ratio"] for r in results]
-        ax.scatter(np.mean(ratios), auroc[:, j].mean(), s=40)
-        ax.annotate(m, (np.mean(ratios), auroc[:, j].mean()), fontsize=8, xytext=(4, 3), textcoords="offset points")
+        ratios = [r["methods"][m]["time_ratio"] for r in results if m in r["methods"]]
+        ax.scatter(np.mean(ratios), np.nanmean(auroc[:, j]), s=40)
+        ax.annotate(m, (np.mean(ratios), np.nanmean(auroc[:, j])), fontsize=8, xytext=(4, 3), textcoords="offset points")
     ax.set_xlabel("mean time, x one plain training run (same process)")
     ax.set_ylabel(f"mean AUROC over {len(results)} settings")
     ax.set_title("Cost against detection")
