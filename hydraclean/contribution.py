@@ -82,6 +82,9 @@ class HydraResult:
         steps computed it.
     trajectory_proba : ndarray of shape (n_samples, n_classes), float64
         Each sample's softmax output averaged over the epochs, likewise.
+    trajectory_logit_margin : ndarray of shape (n_samples,), float64
+        Each sample's logit margin averaged over the epochs, likewise
+        (:class:`hydraclean.training.SampleTrace`).
     """
 
     model: nn.Module
@@ -92,6 +95,7 @@ class HydraResult:
     contribution_matrix: np.ndarray | None
     trajectory_loss: np.ndarray
     trajectory_proba: np.ndarray
+    trajectory_logit_margin: np.ndarray
 
 
 def fit_contributions(
@@ -212,7 +216,7 @@ def fit_contributions(
                                           validation=(X_val, y_val), progress=progress, checkpoint=checkpoint)
             if checkpoint is not None:
                 checkpoint.save({"stage": "trained", "model": model.state_dict(), "history": history,
-                                 "initial_state": trajectory.initial_state, "trace": [trace.loss, trace.proba],
+                                 "initial_state": trajectory.initial_state, "trace": [trace.loss, trace.proba, trace.margin],
                                  "recorder": {} if route is None else route.state_dict()})
         scores = by_class = matrix = contribution = None
         if route is not None:
@@ -230,7 +234,7 @@ def fit_contributions(
         if route is not None:
             route.close()
     return HydraResult(model, history, trajectory, contribution, by_class, matrix,
-                       trace.loss.double().cpu().numpy(), trace.proba.double().cpu().numpy())
+                       *(t.double().cpu().numpy() for t in (trace.loss, trace.proba, trace.margin)))
 
 
 def _preflight(route, module: nn.Module, n_samples: int, n_directions: int, device: torch.device) -> None:

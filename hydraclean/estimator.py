@@ -65,6 +65,7 @@ _FITTED = (
     "contribution_matrix_",
     "trajectory_loss_",
     "trajectory_proba_",
+    "trajectory_logit_margin_",
     "label_quality_",
     "label_issues_",
     "support_",
@@ -547,6 +548,7 @@ class _HydraBase(BaseEstimator):
             labels=data.y_train,
             trajectory_loss=result.trajectory_loss,
             trajectory_proba=result.trajectory_proba,
+            trajectory_logit_margin=result.trajectory_logit_margin,
         )
         issues = np.zeros(n_all, dtype=bool)
         if self.strategy == "drop" and self.drop_fraction == "auto":
@@ -568,6 +570,7 @@ class _HydraBase(BaseEstimator):
             "contribution_matrix_": per_row(result.contribution_matrix),
             "trajectory_loss_": per_row(result.trajectory_loss),
             "trajectory_proba_": per_row(result.trajectory_proba),
+            "trajectory_logit_margin_": per_row(result.trajectory_logit_margin),
             "label_quality_": per_row(quality),
             "label_issues_": issues,
             "support_": ~issues,
@@ -773,9 +776,10 @@ class HydraLabelCleaner(TransformerMixin, _HydraBase):
         :data:`hydraclean.scoring.SCORES`: ``"combined"``,
         ``"contribution"`` (the paper's C(i)), ``"class_min"`` (``min_c
         C(i, c)``), ``"class_harm"`` (the same with each class's column
-        scaled by its spread), ``"trajectory_loss"`` and
-        ``"trajectory_margin"`` (no hypergradient: the training run's record
-        of the sample). All come from the same fit.
+        scaled by its spread), ``"trajectory_loss"``,
+        ``"trajectory_margin"`` and ``"aum"`` (the averaged logit margin;
+        these three need no hypergradient: the training run's record of the
+        sample). All come from the same fit.
     drop_fraction : float in [0, 1] or "auto", default="auto"
         Fraction of training samples flagged by ``strategy="drop"``. With
         ``"auto"``, the number is estimated without knowing the noise rate
@@ -910,8 +914,8 @@ class HydraLabelCleaner(TransformerMixin, _HydraBase):
     contribution_ : ndarray of shape (n_samples,) or None
         ``C(i) = -(1/N) <grad L_val(w_T), d w_T / d eps_i>``, one entry per
         row of ``X``; NaN for validation rows. None when the score needs no
-        hypergradient (``scoring="trajectory_loss"`` or
-        ``"trajectory_margin"`` with a float ``drop_fraction``).
+        hypergradient (``scoring="trajectory_loss"``, ``"trajectory_margin"``
+        or ``"aum"`` with a float ``drop_fraction``).
     class_contribution_ : ndarray of shape (n_samples, n_classes) or None
         ``C(i, c) = -(1/N) <grad L_val^c(w_T), d w_T / d eps_i>``, with
         ``L_val^c`` the mean validation loss over class ``classes_[c]``; a
@@ -930,6 +934,10 @@ class HydraLabelCleaner(TransformerMixin, _HydraBase):
         training steps computed it; NaN for validation rows.
     trajectory_proba_ : ndarray of shape (n_samples, n_classes)
         Each sample's softmax output averaged over the epochs, likewise.
+    trajectory_logit_margin_ : ndarray of shape (n_samples,)
+        Each sample's logit margin (its label's logit minus the largest other
+        logit) averaged over the epochs, likewise: the area under the margin
+        (AUM) of Pleiss et al. (2020).
     contribution_matrix_ : ndarray of shape (n_samples, n_val_features) or None
         ``C(i, j)`` against the validation samples ``val_feature_indices_``
         (``strategy="cluster"`` only).

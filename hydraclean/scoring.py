@@ -4,13 +4,13 @@ Every score is a small pure function of what one fit computes, called with
 keywords (it ignores those it does not use)::
 
     score(contribution=C, class_contribution=R, labels=y, trajectory_loss=L,
-          trajectory_proba=P) -> (n_samples,)
+          trajectory_proba=P, trajectory_logit_margin=M) -> (n_samples,)
 
 ``C`` is the paper's ``C(i)`` (n_samples,), ``R`` the class-resolved
 ``C(i, c)`` (n_samples, n_classes), ``y`` the observed labels as class codes
-``0..n_classes-1``, and ``L`` and ``P`` each sample's training loss and
-softmax output averaged over the epochs, as the training steps computed them
-(the trajectory trace). Rows that were not scored (NaN in ``C`` or ``R``) get
+``0..n_classes-1``, and ``L``, ``P`` and ``M`` each sample's training loss,
+softmax output and logit margin averaged over the epochs, as the training
+steps computed them (the trajectory trace). Rows that were not scored (NaN in ``C`` or ``R``) get
 NaN; NaN columns of ``R`` (classes without validation samples) are skipped.
 Each score's ``needs`` names what it reads, so that a fit computes only that:
 a score that needs no hypergradient costs none.
@@ -27,6 +27,7 @@ import numpy as np
 
 __all__ = [
     "SCORES",
+    "aum",
     "class_harm",
     "class_min",
     "combined",
@@ -134,6 +135,17 @@ def trajectory_margin(*, trajectory_proba: np.ndarray, labels: np.ndarray, **_) 
     return own - others.max(axis=1)
 
 
+@needs("trajectory")
+def aum(*, trajectory_logit_margin: np.ndarray, **_) -> np.ndarray:
+    """The area under the margin (Pleiss et al., 2020): the logit of the observed label minus the largest
+    other logit, averaged over every step that trained on the sample (no hypergradient).
+
+    The logits are those of the training steps' own forward passes, before
+    each step's update, as the ``aum`` package records them.
+    """
+    return np.asarray(trajectory_logit_margin, dtype=np.float64)
+
+
 @needs("class_contribution", "trajectory")
 def combined(**arrays) -> np.ndarray:
     """``robust_z(class_harm) + robust_z(trajectory_loss) + robust_z(trajectory_margin)``.
@@ -156,5 +168,6 @@ SCORES = {
     "class_harm": class_harm,
     "trajectory_loss": trajectory_loss,
     "trajectory_margin": trajectory_margin,
+    "aum": aum,
     "combined": combined,
 }

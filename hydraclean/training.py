@@ -261,10 +261,22 @@ class SampleTrace:
         Mean training loss of each sample.
     proba : Tensor of shape (n_samples, n_outputs)
         Mean softmax of the module's outputs for each sample.
+    margin : Tensor of shape (n_samples,)
+        Mean logit margin of each sample: its label's logit minus the largest
+        other logit, at the forward pass of the step that trained on it (the
+        area under the margin of Pleiss et al., 2020; log-softmax outputs give
+        the same margins).
     """
 
     loss: torch.Tensor
     proba: torch.Tensor
+    margin: torch.Tensor
+
+
+def logit_margins(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each row's logit of its label minus its largest other logit, shape ``(b,)`` (negative: misclassified)."""
+    own = logits.gather(1, labels[:, None])
+    return own[:, 0] - logits.scatter(1, labels[:, None], float("-inf")).amax(1)
 
 
 @contextlib.contextmanager
@@ -405,6 +417,7 @@ def run_training(
     step_loss = torch.empty(trajectory.n_steps, dtype=dtype, device=device)
     step_correct = torch.empty(trajectory.n_steps, dtype=torch.int64, device=device)
     sample_loss = torch.zeros(trajectory.n_samples, dtype=dtype, device=device)
+    sample_margin = torch.zeros_like(sample_loss)
     sample_proba = None
     per_epoch, start = trajectory.steps_per_epoch, 0
     extra = {} if extra is None else extra
@@ -412,7 +425,8 @@ def run_training(
     if saved is not None and saved["stage"] == "training":  # continue where the saved run stopped
         model.load_state_dict(saved["model"])
         w, state = saved["w"].to(device), tuple(s.to(device) for s in saved["state"])
-        for name, tensor in (("step_loss", step_loss), ("step_correct", step_correct), ("sample_loss", sample_loss)):
+        for name, tensor in (("step_loss", step_loss), ("step_correct", step_correct), ("sample_loss", sample_loss),
+                             ("sample_margin", sample_margin)):
             tensor.copy_(saved[name])
         sample_proba = saved["sample_proba"].to(device)
         if recorder is not None:
@@ -424,7 +438,7 @@ def run_training(
         """The run after ``t`` steps."""
         return {"stage": "training", "step": t, "model": model.state_dict(), "w": w, "state": list(state),
                 "step_loss": step_loss, "step_correct": step_correct, "sample_loss": sample_loss,
-                "sample_proba": sample_proba, "recorder": {} if recorder is None else recorder.state_dict(),
+                "sample_margin": sample_margin, "sample_proba": sample_proba, "recorder": {} if recorder is None else recorder.state_dict(),
                 "extra": extra}
 
     # one iterator over the run's steps: one DataLoader for a Dataset
@@ -445,7 +459,9 @@ def run_training(
                 sample_loss.index_add_(0, idx, losses.detach().to(dtype))
                 if sample_proba is None:
                     sample_proba = sample_loss.new_zeros(trajectory.n_samples, logits.shape[1])
-                sample_proba.index_add_(0, idx, logits.detach().to(dtype).softmax(1))
+                z = logits.detach().to(dtype)
+                sample_proba.index_add_(0, idx, z.softmax(1))
+                sample_margin.index_add_(0, idx, logit_margins(z, yb))
                 step_loss[t] = loss.detach()
                 step_correct[t] = (logits.detach().argmax(1) == yb).sum()
                 if (t + 1) % per_epoch == 0:
@@ -468,7 +484,9 @@ def run_training(
     if trajectory.shard is not None:
         trajectory.shard.all_reduce(sample_loss)
         trajectory.shard.all_reduce(sample_proba)
-    return step_loss, step_correct, SampleTrace(sample_loss / n_epochs, sample_proba / n_epochs)
+        trajectory.shard.all_reduce(sample_margin)
+    return step_loss, step_correct, SampleTrace(sample_loss / n_epochs, sample_proba / n_epochs,
+                                                sample_margin / n_epochs)
 
 
 def _check_finite(losses: torch.Tensor, epoch: int, first: int, trajectory: Trajectory) -> None:

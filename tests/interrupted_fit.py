@@ -53,7 +53,7 @@ def fit(strategy: str, kind: str, checkpoint_dir: str | None):
 
 
 RESULTS = ("contribution_", "class_contribution_", "label_quality_", "label_issues_", "contribution_matrix_",
-           "trajectory_loss_", "trajectory_proba_")
+           "trajectory_loss_", "trajectory_proba_", "trajectory_logit_margin_")
 
 
 def arrays(cleaner) -> dict:

@@ -103,10 +103,17 @@ def unrolled_weights(module, w0, X, y, traj, eps, criterion, hessian="exact"):
     return w
 
 
-def mean_sample_losses(module, X, y, traj, criterion):
-    """Each sample's training loss and softmax output averaged over the epochs, by the hand-written loop."""
+def mean_sample_losses(module, X, y, traj, criterion, aum_dir=None):
+    """Each sample's training loss and softmax output averaged over the epochs, by the hand-written loop;
+    with ``aum_dir``, also the area under the margin by the ``aum`` package (its authors' calculator, fed
+    every step's logits)."""
     w, state = flat_params(module), None
     total, proba = torch.zeros(X.shape[0], dtype=X.dtype), None
+    calculator = None
+    if aum_dir is not None:
+        from aum import AUMCalculator
+
+        calculator = AUMCalculator(str(aum_dir), compressed=True)
     for t, idx in enumerate(batches(traj)):
         wr = w.clone().requires_grad_(True)
         with seeded(traj.seeds[t]):
@@ -116,10 +123,16 @@ def mean_sample_losses(module, X, y, traj, criterion):
         total[idx] += losses.detach()
         proba = torch.zeros(X.shape[0], logits.shape[1], dtype=X.dtype) if proba is None else proba
         proba[idx] += torch.softmax(logits.detach(), 1)
+        if calculator is not None:
+            calculator.update(logits.detach(), y[idx], idx.tolist())
         if state is None:
             state = tuple(torch.zeros_like(w) for _ in range(1 if type(traj.rule).__name__ == "SGD" else 2))
         w, state = optimizer_update(w, state, g, t + 1, hyper_at(traj, t), traj.rule)
-    return total / traj.order.shape[0], proba / traj.order.shape[0]
+    out = total / traj.order.shape[0], proba / traj.order.shape[0]
+    if calculator is None:
+        return out
+    aum = torch.tensor([calculator.sums[i] / calculator.counts[i] for i in range(X.shape[0])], dtype=X.dtype)
+    return (*out, aum)
 
 
 def val_loss(module, w, X_val, y_val, criterion):

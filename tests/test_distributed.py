@@ -15,7 +15,8 @@ from torch import nn
 from hydraclean import HydraLabelCleaner
 from hydraclean.distributed import Shard
 
-ATTRIBUTES = ("contribution_", "class_contribution_", "contribution_matrix_", "trajectory_loss_", "label_quality_")
+ATTRIBUTES = ("contribution_", "class_contribution_", "contribution_matrix_", "trajectory_loss_",
+              "trajectory_logit_margin_", "label_quality_")
 
 
 def data():

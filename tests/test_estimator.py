@@ -300,6 +300,17 @@ def test_a_score_without_hypergradient_leaves_the_contributions_out(flat):
     np.testing.assert_allclose(one.contribution_, default.contribution_, rtol=1e-4, atol=1e-7)
 
 
+def test_aum_ranks_by_the_averaged_logit_margin_of_the_same_training_run(flat):
+    X, y, _, Xv, yv = flat
+    c = HydraLabelCleaner(mlp, scoring="aum", drop_fraction=0.2, **FAST).fit(X, y, X_val=Xv, y_val=yv)
+    default = HydraLabelCleaner(mlp, **FAST).fit(X, y, X_val=Xv, y_val=yv)
+    assert c.contribution_ is None and c.class_contribution_ is None  # no hypergradient
+    np.testing.assert_array_equal(c.label_quality_, c.trajectory_logit_margin_)
+    np.testing.assert_array_equal(c.trajectory_logit_margin_, default.trajectory_logit_margin_)  # the same run
+    flagged = c.label_quality_[c.label_issues_]
+    assert c.label_issues_.sum() == round(0.2 * len(y)) and flagged.max() <= c.label_quality_[c.support_].min()
+
+
 # -- faces ------------------------------------------------------------------------
 
 

@@ -350,14 +350,17 @@ def test_class_without_validation_samples_gets_a_nan_column():
     assert np.isfinite(result.class_contribution[:, [0, 2]]).all()
 
 
-def test_trajectory_trace_is_each_samples_mean_training_loss_and_softmax():
+def test_trajectory_trace_is_each_samples_mean_training_loss_softmax_and_logit_margin(tmp_path):
+    """The margin is the area under the margin as its authors' ``aum`` package computes it from the steps."""
     n, batch_size, epochs = 10, 4, 3
     X, y, Xv, yv = data(n)
     module = ref.tiny_mlp().train()
-    loss, proba = ref.mean_sample_losses(module, X, y, plan(n, batch_size, epochs), CE)
+    loss, proba, aum = ref.mean_sample_losses(module, X, y, plan(n, batch_size, epochs), CE, aum_dir=tmp_path)
     result = fit_contributions(module, X, y, Xv, yv, criterion=CE, trajectory=plan(n, batch_size, epochs))
     np.testing.assert_allclose(result.trajectory_loss, loss.numpy(), rtol=1e-12)
     np.testing.assert_allclose(result.trajectory_proba, proba.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(result.trajectory_logit_margin, aum.numpy(), rtol=1e-12, atol=1e-15)
+    assert (aum < 0).any() and (aum > 0).any()  # both signs occur: the margin is not an absolute value
 
 
 @pytest.mark.parametrize("max_memory", [10**9, 10_000, 9_500, 7_000, 3_000],

@@ -26,6 +26,7 @@ def arrays():
         "labels": np.arange(n) % k,
         "trajectory_loss": rng.exponential(size=n),
         "trajectory_proba": proba,
+        "trajectory_logit_margin": rng.normal(size=n),
     }
 
 
