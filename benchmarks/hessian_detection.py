@@ -42,7 +42,7 @@ SMOKE = ["digits-sym-0.2", "digits-adamw-pairs"]
 def run(name: str, smoke: bool, log) -> dict:
     setting = SETTINGS[name]
     make_module, recipe, X_tr, y_clean, X_val, y_val, _, _ = load_data(setting, smoke)
-    y_noisy, noise = setting.make_noise(y_clean)
+    y_noisy, noise = setting.make_noise(y_clean, X_tr)
     out = {"setting": name, "title": setting.title, "n_train": len(y_noisy), "recipe": recipe.describe()}
     fits = {}
     warm = HydraLabelCleaner(init_module(make_module, 0), random_state=0, **{**recipe.as_params(), "max_epochs": 1})

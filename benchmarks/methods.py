@@ -11,6 +11,12 @@ sign convention of ``contribution_``), and optionally its own flags.
   validation loss by about this much, the quantity HYDRA's C(i) estimates.
 * TracInCP (Pruthi et al. 2020): ``sum_k eta_k <grad L_val(w_k), grad l_i(w_k)>``
   over per-epoch checkpoints.
+* AUM (Pleiss et al. 2020): the logit margin of the assigned label over the
+  largest other logit, averaged over every step of one ordinary training run,
+  by the authors' ``aum`` package; its flags by their threshold samples (two
+  more runs, each with a different ``N / (c + 1)`` samples moved to a fake
+  extra class; flag the samples whose AUM is at most the 99th percentile of the
+  threshold samples').
 
 LiSSA and TracInCP are written on hydraclean's torch.func primitives and tested
 against dense and brute-force references (tests/test_benchmark_methods.py); the
@@ -129,6 +135,63 @@ def cleanlab_scores(make_module, X, y, recipe: Training, seed: int) -> tuple[np.
     probs = out_of_sample_probabilities(make_module, X, y, recipe, seed)
     labels = y.cpu().numpy()
     return get_label_quality_scores(labels, probs), find_label_issues(labels, probs)
+
+
+class _MarginRecorder:
+    """Feeds every training step's logits (the step's own forward pass) to an ``aum.AUMCalculator``."""
+
+    def __init__(self, calculator):
+        self.calculator, self.logits, self.handle = calculator, None, None
+
+    def attach(self, model: nn.Module) -> None:
+        self.handle = model.register_forward_hook(lambda m, inputs, out: setattr(self, "logits", out.detach()))
+
+    def detach(self) -> None:
+        self.handle.remove()
+
+    def record(self, step) -> None:
+        self.calculator.update(self.logits, step.yb, step.idx.tolist())
+
+
+def _aum_run(module: nn.Module, X: torch.Tensor, y: torch.Tensor, recipe: Training, seed: int) -> np.ndarray:
+    """AUM of every sample over one plain training run of ``module``, by the ``aum`` package."""
+    import tempfile
+
+    from aum import AUMCalculator
+
+    with tempfile.TemporaryDirectory() as d:
+        calculator = AUMCalculator(d, compressed=True)
+        run_training(module, X, y, CE, recipe.plan(len(y), seed), recorder=_MarginRecorder(calculator))
+    return np.array([calculator.sums[i] / calculator.counts[i] for i in range(len(y))])
+
+
+def with_extra_class(module: nn.Module) -> nn.Module:
+    """``module`` with one more output: its last ``nn.Linear`` gets a row for AUM's fake class."""
+    name, last = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)][-1]
+    parent = module.get_submodule(name.rpartition(".")[0]) if "." in name else module
+    wider = nn.Linear(last.in_features, last.out_features + 1, bias=last.bias is not None).to(last.weight)
+    setattr(parent, name.rpartition(".")[2], wider)
+    return module
+
+
+def aum_scores(make_module, X, y, recipe: Training, seed: int, percentile: float = 99.0
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """AUM's scores (one ordinary run, the same as the plain training's) and its threshold-sample flags."""
+    scores = _aum_run(init_module(make_module, seed, X.device), X, y, recipe, seed)
+    n_classes = int(y.max()) + 1
+    order = np.random.default_rng(seed).permutation(len(y))
+    m = len(y) // (n_classes + 1)
+    first, second = order[:m], order[m : 2 * m]
+    flags = np.zeros(len(y), bool)
+    # the first run judges every sample outside its threshold set, the second the first's threshold set
+    for threshold_set, judged in ((first, order[m:]), (second, first)):
+        fake = y.clone()
+        fake[torch.as_tensor(threshold_set, device=y.device)] = n_classes
+        with step_rng(seed, torch.device("cpu")):
+            module = with_extra_class(make_module()).to(X.device)
+        margins = _aum_run(module, X, fake, recipe, seed)
+        flags[judged] = margins[judged] <= np.percentile(margins[threshold_set], percentile)
+    return scores, flags
 
 
 def per_sample_dot(model: nn.Module, X: torch.Tensor, y: torch.Tensor, direction: torch.Tensor,

@@ -12,6 +12,12 @@ Noise kinds:
   boot)), 40% of each paired class flipped to its partner;
 * ``cc``: class-conditional sparse noise from cleanlab's noise-matrix
   generator (average noise 0.3, half the off-diagonal rates zero);
+* ``instance``: instance-dependent noise: a reference model trained on the clean
+  labels (logistic regression on the pixels, 5-fold out-of-sample
+  probabilities) names, for each sample, its most probable wrong class; a
+  fraction R of the samples is drawn with probability proportional to that
+  class's probability (the samples that look most like another class) and
+  relabelled as it;
 * ``adamw-...``: the dataset's model trained with AdamW (torch's default weight
   decay 1e-2) and cosine annealing to 0 over the run, stepped every batch;
 * ``memorise``: digits with an MLP trained until it fits its noisy labels
@@ -56,14 +62,16 @@ class Setting:
 
     name: str
     dataset: str  # "digits", "fashion", "topics" or "tabular"
-    noise: str  # "symmetric", "pairs", "cc" or "permutation"
+    noise: str  # "symmetric", "pairs", "cc", "instance" or "permutation"
     rate: float
     model: str  # "default" (the dataset's model), "memorise" (an MLP fitting its labels), "resnet", "bag"
     title: str
     recipe: str = "sgd"  # "sgd" (the dataset's recipe) or "adamw" (AdamW with cosine annealing)
 
-    def make_noise(self, y: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """(y_noisy, noise_mask) for clean labels ``y``."""
+    def make_noise(self, y: np.ndarray, X: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(y_noisy, noise_mask) for clean labels ``y`` of inputs ``X``."""
+        if self.noise == "instance":
+            return instance_noise(X, y, self.rate, seed)
         if self.noise == "cc":
             from cleanlab.benchmarking.noise_generation import generate_noise_matrix_from_trace, generate_noisy_labels
 
@@ -76,6 +84,26 @@ class Setting:
             return noisy, noisy != y
         pairs = {"digits": DIGITS_PAIRS, "fashion": FASHION_PAIRS}.get(self.dataset) if self.noise == "pairs" else None
         return make_label_noise(y, self.rate, kind=self.noise, random_state=seed, pairs=pairs)
+
+
+def instance_noise(X: np.ndarray, y: np.ndarray, rate: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Instance-dependent noise (the ``instance`` kind above): (y_noisy, noise_mask)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    flat = np.asarray(X, dtype=np.float64).reshape(len(y), -1)
+    reference = make_pipeline(StandardScaler(), LogisticRegression(max_iter=300))
+    proba = cross_val_predict(reference, flat, y, cv=5, method="predict_proba")
+    proba[np.arange(len(y)), y] = 0.0
+    wrong = proba.argmax(1)
+    weight = proba.max(1) + 1e-12
+    chosen = np.random.default_rng(seed).choice(len(y), size=int(round(rate * len(y))), replace=False,
+                                                p=weight / weight.sum())
+    noisy = y.copy()
+    noisy[chosen] = wrong[chosen]
+    return noisy, noisy != y
 
 
 def _settings() -> dict[str, Setting]:
@@ -93,6 +121,9 @@ def _settings() -> dict[str, Setting]:
                                              "digits, MLP memorising symmetric noise 0.25")
             out["digits-memorise-perm"] = Setting("digits-memorise-perm", "digits", "permutation", 0.2, "memorise",
                                                   "digits, MLP memorising a systematic confusion 0.2")
+    for dataset, title in (("digits", "digits"), ("fashion", "Fashion-MNIST")):
+        out[f"{dataset}-instance"] = Setting(f"{dataset}-instance", dataset, "instance", 0.3, "default",
+                                             f"{title}, instance-dependent noise 0.3")
     for dataset, title in (("digits", "digits"), ("fashion", "Fashion-MNIST")):
         out[f"{dataset}-adamw-sym-0.4"] = Setting(f"{dataset}-adamw-sym-0.4", dataset, "symmetric", 0.4, "default",
                                                   f"{title}, AdamW + cosine, symmetric noise 0.4", "adamw")

@@ -1,11 +1,12 @@
 """HYDRA against its peers on the same data, model, training recipe and seeds, in one process.
 
 For each setting of benchmarks/settings.py: HydraLabelCleaner with its
-defaults (``scoring="harm_and_loss"``, ``drop_fraction="auto"``); the paper's
+defaults (``scoring="combined"``, ``drop_fraction="auto"``); the paper's
 C(i) from the same fit, flagging its k lowest (k = the true number of flips);
 the cluster strategy; cleanlab (5-fold out-of-sample probabilities of the same
-model and loop; its own ``find_label_issues`` flags); ranking by the final
-training loss; influence functions (LiSSA) and TracInCP. Reports AUROC against
+model and loop; its own ``find_label_issues`` flags); AUM (the ``aum``
+package over one ordinary run; flags by its threshold samples, two more runs);
+ranking by the final training loss; influence functions (LiSSA) and TracInCP. Reports AUROC against
 the noise mask, precision at k, F1 and Jaccard of each method's flags (ranking
 methods flag their k lowest), wall time and peak memory as ratios to one plain
 training run measured in the same process, and the test accuracy of the same
@@ -39,6 +40,7 @@ from measure import Meter  # noqa: E402
 from methods import (  # noqa: E402
     OPTIMIZERS,
     Training,
+    aum_scores,
     cleanlab_scores,
     influence_scores,
     init_module,
@@ -59,7 +61,7 @@ DEFAULT = "HYDRA default"
 PAPER = "HYDRA C(i), paper"
 
 
-PEERS = ("cleanlab", "training loss", "influence (LiSSA)", "TracInCP")
+PEERS = ("cleanlab", "AUM", "training loss", "influence (LiSSA)", "TracInCP")
 
 
 def run_setting(name: str, device: torch.device, seeds: int, smoke: bool, log, peers: dict | None = None):
@@ -70,7 +72,7 @@ def run_setting(name: str, device: torch.device, seeds: int, smoke: bool, log, p
     """
     setting = SETTINGS[name]
     make_module, recipe, X_tr, y_clean, X_val, y_val, X_test, y_test = load_data(setting, smoke)
-    y_noisy, noise = setting.make_noise(y_clean)
+    y_noisy, noise = setting.make_noise(y_clean, X_tr)
     k = int(noise.sum())
     Xt, yt = torch.as_tensor(X_tr, device=device), torch.as_tensor(y_noisy, device=device)
     Xv, yv = torch.as_tensor(X_val, device=device), torch.as_tensor(y_val, device=device)
@@ -115,6 +117,9 @@ def run_setting(name: str, device: torch.device, seeds: int, smoke: bool, log, p
         with Meter() as m:
             scores, flags = cleanlab_scores(make_module, Xt, yt, recipe, seed=0)
         record("cleanlab", m, scores, flags)
+        with Meter() as m:
+            scores, flags = aum_scores(make_module, Xt, yt, recipe, seed=0)
+        record("AUM", m, scores, flags)
         if without_second_derivative(model):  # LiSSA iterates Hessian-vector products
             log(f"  influence (LiSSA)  n/a: no second derivative of {', '.join(without_second_derivative(model))}")
         else:
@@ -129,7 +134,8 @@ def run_setting(name: str, device: torch.device, seeds: int, smoke: bool, log, p
     arrays = {
         "contribution": default.contribution_, "class_contribution": default.class_contribution_,
         "labels": np.searchsorted(default.classes_, y_noisy), "trajectory_loss": default.trajectory_loss_,
-        "trajectory_proba": default.trajectory_proba_, "contribution_matrix": clustered.contribution_matrix_,
+        "trajectory_proba": default.trajectory_proba_, "trajectory_logit_margin": default.trajectory_logit_margin_,
+        "contribution_matrix": clustered.contribution_matrix_,
         "feature_labels": np.searchsorted(clustered.classes_, y_val[clustered.val_feature_indices_]),
         "final_loss": -final_loss, "self_influence": self_influence, "weighted_trajectory_loss": weighted_loss,
     }
@@ -200,8 +206,9 @@ def main() -> None:
     if args.smoke:
         args.seeds = 1
         names = args.settings or ["digits-sym-0.2", "digits-pairs", "digits-cc", "digits-memorise",
-                                  "digits-memorise-perm", "digits-adamw-sym-0.4", "digits-resnet-sym-0.4",
-                                  "fashion-pairs", "fashion-cc", "topics-sym-0.2", "topics-bag-sym-0.4", "tabular-cc"]
+                                  "digits-memorise-perm", "digits-instance", "digits-adamw-sym-0.4",
+                                  "digits-resnet-sym-0.4", "fashion-pairs", "fashion-cc", "fashion-instance",
+                                  "topics-sym-0.2", "topics-bag-sym-0.4", "tabular-cc"]
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore", UserWarning)
     device = torch.device(args.device)

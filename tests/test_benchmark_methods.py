@@ -9,7 +9,17 @@ import torch
 from torch.func import functional_call, hessian
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from methods import CE, Training, influence_scores, lissa, tracin_scores, train_with_checkpoints  # noqa: E402
+from methods import (  # noqa: E402
+    CE,
+    Training,
+    aum_scores,
+    influence_scores,
+    init_module,
+    lissa,
+    tracin_scores,
+    train_with_checkpoints,
+    with_extra_class,
+)
 
 from hydraclean.gradients import PerSampleLoss, flatten, parameter_dict  # noqa: E402
 
@@ -103,3 +113,23 @@ def test_tracin_equals_brute_force_and_captum(tmp_path):
                              sample_wise_grads_per_batch=True)
     matrix = tracin.influence((Xv, yv))  # (n_val, n_train): sum_k eta_k <g_j, g_i>
     np.testing.assert_allclose(matrix.mean(0).numpy(), scores, rtol=1e-6, atol=1e-12)
+
+
+def test_aum_peer_by_the_aum_package_equals_the_fits_own_margin_and_flags_by_threshold_samples():
+    """Two independent records of one training run: the authors' calculator fed by a recorder, and the
+    trace hydraclean keeps (scoring="aum"); the threshold-sample flags mark a minority, from two more runs."""
+    from hydraclean.training import train
+
+    X, _ = data(n=90)
+    X = X.float()
+    y = X.argmax(1)  # learnable, with ten flipped labels
+    flipped = torch.arange(0, 90, 9)
+    y[flipped] = (y[flipped] + 1) % 3
+    recipe = Training(max_epochs=15, batch_size=10, lr=0.3)
+    make = lambda: ref.tiny_mlp().float()  # noqa: E731
+    scores, flags = aum_scores(make, X, y, recipe, seed=0)
+    _, _, trace = train(init_module(make, 0), X, y, CE, recipe.plan(len(y), 0))
+    np.testing.assert_allclose(scores, trace.margin.numpy(), rtol=1e-5, atol=1e-6)
+    assert flags.dtype == bool and 0 < flags.sum() < len(y) // 3 and flags[flipped].mean() > 0.5
+    wider = with_extra_class(make())
+    assert wider(X).shape == (90, 4)
