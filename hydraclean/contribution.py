@@ -38,6 +38,7 @@ from .gradients import (
     without_second_derivative,
 )
 from .ghost import GhostRows
+from .projection import ROW_FACTOR_BYTES
 from .routes import plan_route
 from .training import Progress, SampleTrace, Trajectory, train
 
@@ -196,12 +197,14 @@ def fit_contributions(
     if n_classes is None:
         n_classes = int(max(y.max(), y_val.max())) + 1
     route = None
+    n_directions = (n_classes + 1 if classes else 1) + (0 if val_rows is None else len(val_rows))
     if contributions:
+        # what scoring will hold beside the route: the directions, and the ghost rows' factors when it uses them
+        reserve = _direction_bytes(module, n_directions) + (ROW_FACTOR_BYTES if eval_separable(module) else 0)
         route = plan_route(module, criterion, X, y, trajectory, hessian=hessian, max_memory=max_memory,
-                           spill_dir=spill_dir, batchnorm=batchnorm)
+                           spill_dir=spill_dir, batchnorm=batchnorm, reserve=reserve)
     try:
         if route is not None:
-            n_directions = (n_classes + 1 if classes else 1) + (0 if val_rows is None else len(val_rows))
             _preflight(route, module, n, n_directions, y.device)
         saved = None if checkpoint is None else checkpoint.load()
         if saved is not None and saved["stage"] == "trained":  # training was over: score
@@ -237,13 +240,18 @@ def fit_contributions(
                        *(t.double().cpu().numpy() for t in (trace.loss, trace.proba, trace.margin)))
 
 
+def _direction_bytes(module: nn.Module, n_directions: int) -> int:
+    """Bytes of the K validation directions (K x n_params in the parameters' dtype)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    return n_directions * sum(p.numel() for p in params) * (params[0].element_size() if params else 0)
+
+
 def _preflight(route, module: nn.Module, n_samples: int, n_directions: int, device: torch.device) -> None:
     """Refuse, before training, a fit that could not hold what it needs on its device: what the route keeps
     from the run (within max_memory), the validation directions (K x n_params) and the results (N x K, on the
     device and in float64)."""
     ref = next(p for p in module.parameters() if p.requires_grad)
-    n_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    directions = n_directions * n_params * ref.element_size()
+    directions = _direction_bytes(module, n_directions)
     results = n_samples * n_directions * (ref.element_size() + 8)
     mb = lambda b: f"{b / 1e6:,.0f} MB"  # noqa: E731
     total, free = route.nbytes + directions + results, _free_memory(device)

@@ -807,8 +807,11 @@ class HydraLabelCleaner(TransformerMixin, _HydraBase):
         (``"constant"``: the layer-factor route, about the cost of a model
         without BatchNorm) or keeps their dependence on the weights
         (``"exact"``: the definition of DESIGN.md section 1, one forward-mode
-        JVP per direction and step). The user guide gives the measured
-        difference between them.
+        JVP per direction and step). The default score ranks alike on both;
+        the contributions themselves differ (on the benchmark's BatchNorm
+        ResNets the constant route's ``C(i)`` alone ranks at chance), so take
+        ``"exact"`` for ``scoring="contribution"``, ``strategy="cluster"``
+        and :meth:`explain`. The user guide gives the measured difference.
     max_epochs : int, default=10
     batch_size : int, default=64
         The last batch of an epoch keeps the remainder.

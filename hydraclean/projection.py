@@ -61,6 +61,9 @@ __all__ = [
     "probe_layers",
 ]
 
+#: At most this many bytes of validation samples' ghost factors (GhostRows) are kept for scoring.
+ROW_FACTOR_BYTES = 4 * CHUNK_BYTES
+
 
 class FunctionalProjector:
     """Directional derivatives with ``torch.func``, for any module.
@@ -624,7 +627,7 @@ class LayerFactorProjector:
         return self.capture.take()
 
     def _row_factors(self, module, modes, constant_stats, ghost: GhostRows, batch_size: int = 256,
-                     budget: int = 4 * CHUNK_BYTES) -> dict:
+                     budget: int = ROW_FACTOR_BYTES) -> dict:
         """The validation samples' eval-mode ghost factors ``(u_j, delta_j)`` at ``ghost.model``'s weights,
         for the layers (called once per pass, without dense sums) where the ghost product pays, as long as
         they fit in ``budget`` bytes."""

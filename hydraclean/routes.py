@@ -77,7 +77,8 @@ class Route(Recorder, Protocol):
 
 
 def plan_route(module: nn.Module, criterion: nn.Module, X: Inputs, y: torch.Tensor, trajectory: Trajectory, *,
-               hessian: str = "free", max_memory: int = 10**9, spill_dir=None, batchnorm: str = "constant") -> Route:
+               hessian: str = "free", max_memory: int = 10**9, spill_dir=None, batchnorm: str = "constant",
+               reserve: int = 0) -> Route:
     """The cheapest route that applies to this run and fits in ``max_memory`` (see the module docstring).
 
     Parameters
@@ -99,6 +100,10 @@ def plan_route(module: nn.Module, criterion: nn.Module, X: Inputs, y: torch.Tens
         per-sample derivative (:func:`hydraclean.projection.constant_statistics`),
         or the exact per-sample gradients through them (the functional route,
         one JVP per direction).
+    reserve : int, default=0
+        Bytes of ``max_memory`` that scoring will hold beside the route (the
+        validation directions and their ghost factors): :class:`StoredRun`'s
+        checkpoints leave them free where they can.
 
     Raises
     ------
@@ -122,7 +127,7 @@ def plan_route(module: nn.Module, criterion: nn.Module, X: Inputs, y: torch.Tens
         if route is not None:
             return route
     return StoredRun(module, criterion, trajectory, X, y, exact=hessian == "exact", max_memory=max_memory,
-                     spill_dir=spill_dir, plan=plan, constant_stats=constant)
+                     spill_dir=spill_dir, plan=plan, constant_stats=constant, reserve=reserve)
 
 
 class StoredRun:
@@ -151,10 +156,13 @@ class StoredRun:
     max_memory : int
         Bytes for the store.
     spill_dir : str, optional
+    reserve : int, default=0
+        Bytes of ``max_memory`` the directions will take (:class:`RunStore`).
     """
 
     def __init__(self, module: nn.Module, criterion: nn.Module, trajectory: Trajectory, X: Inputs, y: torch.Tensor,
-                 *, exact: bool, max_memory: int, spill_dir=None, plan=None, constant_stats: bool = False) -> None:
+                 *, exact: bool, max_memory: int, spill_dir=None, plan=None, constant_stats: bool = False,
+                 reserve: int = 0) -> None:
         like = parameter_dict(module)
         ref = next(iter(like.values()))
         self.module, self.criterion, self.trajectory, self.X, self.y = module, criterion, trajectory, X, y
@@ -162,7 +170,7 @@ class StoredRun:
         self.exact = exact
         self.plan, self.constant_stats = plan, constant_stats
         self.store = RunStore(trajectory, sum(p.numel() for p in like.values()), ref.dtype, ref.device, max_memory,
-                              spill_dir, reverse=exact or not trajectory.rule.linear)
+                              spill_dir, reverse=exact or not trajectory.rule.linear, reserve=reserve)
         self.nbytes = self.store.nbytes
         self.accumulate_bytes = max_memory - self.store.nbytes  # room for a convolution buffer
 

@@ -91,6 +91,11 @@ class RunStore:
     reverse : bool, default=False
         Whether :meth:`walk` will be asked to go backward (sizes its
         segment buffer).
+    reserve : int, default=0
+        Bytes of ``max_memory`` that scoring will hold beside the store (the
+        validation directions). Checkpoints leave them free when some
+        interval fits in what remains; a forward walk recomputes every step
+        once whatever the interval, so fewer checkpoints cost it no time.
 
     Attributes
     ----------
@@ -109,7 +114,8 @@ class RunStore:
     """
 
     def __init__(self, trajectory: Trajectory, n_params: int, dtype: torch.dtype, device: torch.device,
-                 max_memory: int, spill_dir: str | os.PathLike | None = None, *, reverse: bool = False) -> None:
+                 max_memory: int, spill_dir: str | os.PathLike | None = None, *, reverse: bool = False,
+                 reserve: int = 0) -> None:
         self.trajectory = trajectory
         self.dtype, self.device = dtype, torch.device(device)
         n_steps = trajectory.n_steps
@@ -132,7 +138,8 @@ class RunStore:
             self.location = "checkpoints"
             need = [(-(-n_steps // s) * state_rows + (s * (state_rows + 1) if reverse else 0)) * row
                     for s in range(1, n_steps + 1)]
-            fits = [s for s, b in zip(range(1, n_steps + 1), need) if b <= max_memory]
+            fits = [s for s, b in zip(range(1, n_steps + 1), need) if b <= max_memory - reserve] or [
+                s for s, b in zip(range(1, n_steps + 1), need) if b <= max_memory]
             if not fits:
                 raise ValueError(
                     f"max_memory={max_memory} bytes cannot hold one checkpoint of the model's weights and optimizer "

@@ -106,6 +106,19 @@ def test_too_small_a_budget_names_the_fix():
         RunStore(traj, sum(p.numel() for p in module.parameters()), torch.float32, "cpu", 100)
 
 
+def test_checkpoints_leave_the_reserve_free_when_an_interval_fits_in_what_remains():
+    """Momentum SGD, 12 steps: a checkpoint is 2 rows (weights and buffer). 6 checkpoints fit in 12 rows, 2 in
+    4; a reserve larger than the budget falls back to the budget alone (the minimum it needs still fits)."""
+    traj = plan_trajectory(24, batch_size=2, max_epochs=1, lr=0.1, momentum=0.9, seed=0)
+    row = 100 * 4
+    interval = lambda **kw: RunStore(traj, 100, torch.float32, "cpu", 12 * row, **kw).interval  # noqa: E731
+    assert interval() == 2
+    assert interval(reserve=8 * row) == 6
+    assert interval(reserve=100 * row) == 2
+    with_reserve = RunStore(traj, 100, torch.float32, "cpu", 12 * row, reserve=8 * row)
+    assert with_reserve.nbytes <= 4 * row
+
+
 def test_a_parameter_without_gradient_is_stepped_with_zero_and_checkpointed():
     """An unused submodule: zero gradient, state kept like any other (no KeyError on a missing buffer)."""
 
