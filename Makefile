@@ -58,13 +58,16 @@ gpu-check: $(BENCH_STAMP)
 # The Fashion-MNIST settings were run on a GPU by benchmarks/gpu_suite.sh; on a CPU, the second
 # suite line runs the same settings.
 bench: $(BENCH_STAMP)
-	$(BIN)/python benchmarks/overhead.py --out docs/_generated/overhead.md
+	$(BIN)/python benchmarks/overhead.py --epochs 3 --out docs/_generated/overhead.md
+	$(BIN)/python benchmarks/overhead.py --architectures --repeats 2 --out docs/_generated/overhead_architectures.md
 	$(BIN)/python benchmarks/batchnorm_route.py --out docs/_generated/batchnorm_route.md
+	$(BIN)/python benchmarks/batchnorm_constant.py --out docs/_generated/batchnorm_constant.md
 	$(BIN)/python benchmarks/autocast_effect.py --out docs/_generated/autocast.md
 	$(BIN)/python benchmarks/distributed.py --out docs/_generated/distributed.md
 	$(BIN)/python benchmarks/cluster_choice.py --out docs/_generated/cluster_choice.md
 	$(BIN)/python benchmarks/suite.py --dataset digits --out docs/_generated/suite_digits.md
 	$(BIN)/python benchmarks/suite.py --dataset fashion --seeds 2 --out docs/_generated/suite_fashion.md
+	$(BIN)/python benchmarks/suite.py --dataset topics --out docs/_generated/suite_topics.md
 	$(BIN)/python benchmarks/suite.py --dataset tabular --out docs/_generated/suite_tabular.md
 	$(BIN)/python benchmarks/hessian_detection.py --out docs/_generated/hessian_detection.md
 	$(BIN)/python benchmarks/paper.py --out-dir docs/_generated
