@@ -27,7 +27,6 @@ import os
 import time
 import warnings
 
-import numpy as np
 import torch
 from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score

@@ -22,8 +22,6 @@ fit's time over one plain training run measured in the same process.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import time
 import warnings
@@ -94,10 +92,7 @@ def main() -> None:
                      f"{r['auroc_score_constant']:.3f} / {r['auroc_score_exact']:.3f} | "
                      f"{r['auroc_contribution_constant']:.3f} / {r['auroc_contribution_exact']:.3f} | "
                      f"{r['time_ratio_constant']:.2f} / {r['time_ratio_exact']:.2f} |")
-    emit(lines, args.out)
-    if args.out:
-        with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-            json.dump(rows, f, indent=1)
+    emit(lines, args.out, rows)
 
 
 if __name__ == "__main__":

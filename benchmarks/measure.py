@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import time
 
 
@@ -26,10 +28,13 @@ class Meter:
         self.peak = rss_mib("VmHWM") - self.base
 
 
-def emit(lines: list[str], out: str | None) -> None:
-    """Print a markdown table and, with ``out``, write it there."""
+def emit(lines: list[str], out: str | None, numbers=None) -> None:
+    """Print a markdown table and, with ``out``, write it there (and ``numbers``, if given, as JSON beside it)."""
     text = "\n".join(lines)
     print(text)
     if out:
         with open(out, "w") as f:
             f.write(text + "\n")
+        if numbers is not None:
+            with open(os.path.splitext(out)[0] + ".json", "w") as f:
+                json.dump(numbers, f, indent=1)

@@ -59,7 +59,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from measure import rss_mib  # noqa: I001  (benchmarks/ is on sys.path when run as a script)
+from measure import emit, rss_mib  # noqa: I001  (benchmarks/ is on sys.path when run as a script)
 from methods import Training, out_of_sample_probabilities
 from settings import ensure_fashion_mnist
 
@@ -275,13 +275,7 @@ def architectures_main(args) -> None:
         ok = "yes" if got["fit"]["peak_mib"] <= bound else "**no**"
         lines.append(f"| {name} | {got['plain']['peak_mib']:.0f} | {got['fit']['peak_mib']:.0f} | "
                      f"{got['fit']['results_mib']:.1f} | {bound:.0f} | {ok} |")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-        with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-            json.dump({"timings": rows, "memory": memory}, f, indent=1)
+    emit(lines, args.out, {"timings": rows, "memory": memory})
 
 
 def main() -> None:
@@ -348,14 +342,7 @@ def main() -> None:
         ok = "yes" if m["peak_mib"] <= bounds[key] else "**no**"
         lines.append(f"| {name} | {e} | {m['peak_mib']:.0f} | {m['above_baseline_mib']:.0f} | "
                      f"{results_mib(name):.0f} | {bounds[key]:.0f} | {ok} |")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-        with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-            json.dump({"timings": {str(k): v for k, v in results.items()}, "memory": mem, "bound_mib": bounds}, f,
-                      indent=1)
+    emit(lines, args.out, {"timings": {str(k): v for k, v in results.items()}, "memory": mem, "bound_mib": bounds})
 
 
 if __name__ == "__main__":

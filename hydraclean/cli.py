@@ -257,8 +257,8 @@ def run_clean(args: argparse.Namespace) -> int:
     for w in caught:
         print(f"hydraclean: warning: {w.message}", file=sys.stderr)
     if not args.write_anyway and any(issubclass(w.category, LearningShortfallWarning) for w in caught):
-        print(f"hydraclean clean: nothing written: the model did not learn (see the warning above); fix the "
-              f"training (--standardize, --epochs, --lr) or pass --write-anyway.", file=sys.stderr)
+        print("hydraclean clean: nothing written: the model did not learn (see the warning above); fix the "
+              "training (--standardize, --epochs, --lr) or pass --write-anyway.", file=sys.stderr)
         return EXIT_DID_NOT_LEARN
     keep = cleaner.support_
     if kind == ".npz":

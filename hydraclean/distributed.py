@@ -22,9 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
 
-from .gradients import flatten, unflatten
 
 __all__ = ["Shard", "current_shard"]
 

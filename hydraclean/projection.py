@@ -44,7 +44,7 @@ from torch.func import functional_call
 from .gradients import PerSampleLoss, directional_derivatives, parameter_dict
 from .hypergradient import free_factors
 from .ghost import GhostRows, ghost_products, pays
-from .layers import CHUNK_BYTES, ConvAlgebra, LayerAlgebra, LinearAlgebra, algebra_for, column_ranges, layers_of
+from .layers import CHUNK_BYTES, ConvAlgebra, LayerAlgebra, algebra_for, column_ranges, layers_of
 from .modes import set_modes, training_modes
 from .run_store import RunStore
 from .training import Step, Trajectory, autocast, step_rng
