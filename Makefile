@@ -66,6 +66,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/distributed.py --out docs/_generated/distributed.md
 	$(BIN)/python benchmarks/cluster_choice.py --out docs/_generated/cluster_choice.md
 	$(BIN)/python benchmarks/suite.py --dataset digits --out docs/_generated/suite_digits.md
+	$(BIN)/python benchmarks/aum_threshold.py --out docs/_generated/aum_threshold.md
 	$(BIN)/python benchmarks/suite.py --dataset fashion --seeds 2 --out docs/_generated/suite_fashion.md
 	$(BIN)/python benchmarks/suite.py --dataset topics --out docs/_generated/suite_topics.md
 	$(BIN)/python benchmarks/suite.py --dataset tabular --out docs/_generated/suite_tabular.md

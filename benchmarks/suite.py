@@ -145,6 +145,8 @@ def run_setting(name: str, device: torch.device, seeds: int, smoke: bool, log, p
     ablation["train_accuracy"] = default.history_["train_accuracy"][-1]
 
     def accuracy(keep, labels):
+        if not keep.any():  # a method that flagged every sample (AUM's threshold rule can): nothing to retrain on
+            return float("nan"), float("nan")
         accs = [retrain_accuracy(make_module, X_tr[keep], labels[keep], X_test, y_test, n_steps=n_steps,
                                  batch_size=recipe.batch_size, optimizer=OPTIMIZERS[recipe.optimizer], lr=recipe.lr,
                                  momentum=recipe.momentum, weight_decay=recipe.weight_decay,
