@@ -155,6 +155,8 @@ class Checkpoints:
 
         def handler(signum, frame):
             if self.interrupted:
+                if callable(previous):  # the caller's own Ctrl-C, if it has one (the CLI's)
+                    previous(signum, frame)
                 raise KeyboardInterrupt
             self.interrupted = True
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import os
+import signal
 import sys
 import time
 import warnings
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +36,24 @@ EXIT_CODES = (
     "3 the model did not learn, so its scores mean nothing (nothing written; --write-anyway writes them); "
     "130 interrupted (Ctrl-C; with --checkpoint-dir the run is saved there, and the same command resumes it)."
 )
+
+
+class _Interrupted(KeyboardInterrupt):
+    """Ctrl-C, as the CLI raises it. A subclass, because under ``python -m`` CPython ends the process by SIGINT,
+    whatever :func:`main` returns, once a plain KeyboardInterrupt has left any ``eval`` of a string on its way
+    (torch's TorchScript compiler evaluates strings), and the exit status would then not be 130."""
+
+
+@contextlib.contextmanager
+def _interrupts_as_exit_status() -> Iterator[None]:
+    def handler(signum, frame):
+        raise _Interrupted
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
@@ -373,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
             run_demo(args.noise, args.epochs, args.seed, args.verbose)
         return 0
     try:
-        return run_clean(args)
+        with _interrupts_as_exit_status():
+            return run_clean(args)
     except (CLIError, ValueError, TypeError) as exc:
         print(f"hydraclean clean: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -8,10 +8,12 @@ recorded, hypergradients, contributions) and to :mod:`hydraclean.cleaning`
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from numbers import Integral, Real
 
@@ -52,7 +54,7 @@ from .data import (
     select_rows,
 )
 from .run_store import parse_bytes
-from .training import LearningShortfallWarning, learning_shortfall, plan_trajectory, replay, step_rng
+from .training import LearningShortfallWarning, Progress, learning_shortfall, plan_trajectory, replay, step_rng
 
 __all__ = ["HydraLabelCleaner", "HydraSampler"]
 
@@ -330,11 +332,12 @@ class _HydraBase(BaseEstimator):
         route = plan_route(model, self._criterion, X_tr, y_tr, trajectory, max_memory=parse_bytes(self.max_memory),
                            spill_dir=self.spill_dir, batchnorm=self.batchnorm)
         try:
-            replay(trajectory, model, X_tr, y_tr, self._criterion, route, progress=self._progress())
-            route.finish()
-            ghost = GhostRows(model, Xv_t, yv_t, torch.eye(len(yv), dtype=G.dtype, device=device)) if \
-                eval_separable(model) else None
-            P = route.project(G, ghost, self._progress())
+            with self._progress() as progress:
+                replay(trajectory, model, X_tr, y_tr, self._criterion, route, progress=progress)
+                route.finish()
+                ghost = GhostRows(model, Xv_t, yv_t, torch.eye(len(yv), dtype=G.dtype, device=device)) if \
+                    eval_separable(model) else None
+                P = route.project(G, ghost, progress)
         finally:
             route.close()
         if trajectory.shard is not None:
@@ -501,25 +504,26 @@ class _HydraBase(BaseEstimator):
                 raise ValueError("checkpoint_dir is not supported in a data-parallel fit yet: pass distributed=False, "
                                  "or checkpoint_dir=None.")
             checkpoint = Checkpoints(self.checkpoint_dir, self._fingerprint(data, module))
-        result = fit_contributions(
-            module,
-            Xt,
-            yt,
-            Xv,
-            yv,
-            criterion=criterion,
-            trajectory=trajectory,
-            n_classes=data.classes.size,
-            hessian=self.hessian,
-            contributions=bool(needs - {"trajectory"}),
-            classes="class_contribution" in needs,
-            val_rows=None if val_rows is None else torch.as_tensor(val_rows, device=device),
-            progress=self._progress(),
-            max_memory=max_memory,
-            spill_dir=self.spill_dir,
-            checkpoint=checkpoint,
-            batchnorm=self.batchnorm,
-        )
+        with self._progress() as progress:
+            result = fit_contributions(
+                module,
+                Xt,
+                yt,
+                Xv,
+                yv,
+                criterion=criterion,
+                trajectory=trajectory,
+                n_classes=data.classes.size,
+                hessian=self.hessian,
+                contributions=bool(needs - {"trajectory"}),
+                classes="class_contribution" in needs,
+                val_rows=None if val_rows is None else torch.as_tensor(val_rows, device=device),
+                progress=progress,
+                max_memory=max_memory,
+                spill_dir=self.spill_dir,
+                checkpoint=checkpoint,
+                batchnorm=self.batchnorm,
+            )
         if checkpoint is not None and not self.keep_checkpoint:
             checkpoint.clear()
         run = {"device_": device, "val_feature_indices_": val_rows, "_criterion": criterion,
@@ -655,16 +659,31 @@ class _HydraBase(BaseEstimator):
             needs.add("contribution")
         return frozenset(needs)
 
-    def _progress(self):
+    @contextlib.contextmanager
+    def _progress(self) -> Iterator[Progress | None]:
+        """With ``verbose``: tqdm bars for the run's loops, each closed when the run ends, however it ends (so an
+        interrupted fit leaves no half-drawn bar in front of what is printed next)."""
         if not self.verbose:
-            return None
+            yield None
+            return
         try:
             from tqdm.auto import tqdm
         except ImportError:  # progress bars are an optional extra
             warnings.warn("verbose > 0 shows progress bars with tqdm, which is not installed: pip install tqdm.",
-                          stacklevel=4)
-            return None
-        return lambda it, desc, total: tqdm(it, desc=desc, total=total, unit="step", leave=False)
+                          stacklevel=5)
+            yield None
+            return
+        bars = []
+
+        def progress(it, desc, total):
+            bars.append(tqdm(it, desc=desc, total=total, unit="step", leave=False))
+            return bars[-1]
+
+        try:
+            yield progress
+        finally:
+            for bar in bars:
+                bar.close()
 
 
 def _available_devices() -> list[str]:

@@ -185,23 +185,62 @@ def test_ctrl_c_prints_one_line_and_exits_130(digits_files, tmp_path, checkpoint
     import signal
     import subprocess
     import sys
+    import threading
     import time
 
     tmp, _, _ = digits_files
     out = tmp_path / "out.npz"
     argv = [sys.executable, "-m", "hydraclean.cli", "clean", str(tmp / "train.npz"), "-o", str(out), "--epochs",
-            "60", "--batch-size", "4", "--lr", "0.05"]
+            "60", "--batch-size", "4", "--lr", "0.05", "-v"]
     if checkpoint:
         argv += ["--checkpoint-dir", str(tmp_path / "ckpt")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    stderr_chunks, training = [], threading.Event()
+
+    def read_stderr():  # the progress bar's first line says training began (imports can take seconds on CI)
+        tail = ""
+        for chunk in iter(lambda: proc.stderr.read(1), ""):
+            stderr_chunks.append(chunk)
+            tail = (tail + chunk)[-9:]
+            if tail == "training:":
+                training.set()
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
     started = tmp_path / "ckpt" / "hydraclean-checkpoint.pt"  # the first epoch is over
-    deadline = time.monotonic() + (120 if checkpoint else 5)  # without one: 5 s in, past start-up, into training
-    while time.monotonic() < deadline and proc.poll() is None and not (checkpoint and started.exists()):
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and not (
+            training.is_set() and (not checkpoint or started.exists())):
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
+    proc.wait(timeout=120)
+    reader.join(timeout=10)
+    stderr = "".join(stderr_chunks)
     assert proc.returncode == 130, stderr
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("hydraclean clean: interrupted;") and "Traceback" not in stderr
     assert (str(tmp_path / "ckpt") in lines[-1]) == checkpoint and not out.exists()
+
+
+def test_ctrl_c_inside_an_eval_still_exits_130(tmp_path):
+    """Under `python -m`, CPython ends the process by SIGINT (status -2, not 130) once a plain KeyboardInterrupt
+    has left an `eval` of a string, even when the program caught it; torch's TorchScript compiler evaluates
+    strings during the first forward-mode step, where a Ctrl-C on CI once landed."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "interrupt_in_eval.py").write_text(
+        "import os, signal, time\n"
+        "import hydraclean.cli as cli\n"
+        "def run_clean(args):\n"
+        "    eval('os.kill(os.getpid(), signal.SIGINT) or time.sleep(5)')\n"
+        "cli.run_clean = run_clean\n"
+        "raise SystemExit(cli.main(['clean', 'unused.npz', '-o', 'out.npz']))\n")
+    proc = subprocess.run([sys.executable, "-m", "interrupt_in_eval"], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+                          timeout=120)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("hydraclean clean: interrupted;")
