@@ -59,7 +59,8 @@ def run(name: str, smoke: bool, log) -> dict:
         for hessian, c in fits.items():
             s = score(contribution=c.contribution_, class_contribution=c.class_contribution_, labels=codes,
                       trajectory_loss=c.trajectory_loss_, trajectory_proba=c.trajectory_proba_,
-                      trajectory_logit_margin=c.trajectory_logit_margin_)
+                      trajectory_logit_margin=c.trajectory_logit_margin_,
+                      train_accuracy=c.history_["train_accuracy"][-1])
             out[f"{score_name}/{hessian}"] = float(roc_auc_score(noise, -s))
     free, exact = fits["free"].contribution_, fits["exact"].contribution_
     out["spearman C(i)"] = float(spearmanr(free, exact)[0])

@@ -1,7 +1,7 @@
 """HYDRA against its peers on the same data, model, training recipe and seeds, in one process.
 
 For each setting of benchmarks/settings.py: HydraLabelCleaner with its
-defaults (``scoring="combined"``, ``drop_fraction="auto"``); the paper's
+defaults (``scoring="memorisation_weighted"``, ``drop_fraction="auto"``); the paper's
 C(i) from the same fit, flagging its k lowest (k = the true number of flips);
 the cluster strategy; cleanlab (5-fold out-of-sample probabilities of the same
 model and loop; its own ``find_label_issues`` flags); AUM (the ``aum``
@@ -138,6 +138,8 @@ def run_setting(name: str, device: torch.device, seeds: int, smoke: bool, log, p
         "contribution_matrix": clustered.contribution_matrix_,
         "feature_labels": np.searchsorted(clustered.classes_, y_val[clustered.val_feature_indices_]),
         "final_loss": -final_loss, "self_influence": self_influence, "weighted_trajectory_loss": weighted_loss,
+        "valid_accuracy": np.asarray(default.history_["valid_accuracy"]),
+        "train_accuracy": np.float64(default.history_["train_accuracy"][-1]),
     }
     ablation = evaluate(arrays, noise)
     suggested = default.suggested_label_[noise]

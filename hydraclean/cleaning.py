@@ -107,6 +107,13 @@ def estimate_issue_count(class_contribution: np.ndarray, trajectory_proba: np.nd
     Returns
     -------
     count : int
+
+    Notes
+    -----
+    An upper estimate: the first rule also flags clean samples whose harm to
+    a class they resemble is large (on clean data, a third of the rows), and
+    the second clean samples that the model keeps mispredicting. No rule tried
+    was closer on every benchmark setting (``benchmarks/flag_count.py``).
     """
     scored = ~np.isnan(np.asarray(class_contribution, dtype=np.float64)).all(axis=1)
     either = harms_more_than_class_helps(class_contribution, labels) | predicted_other_class(trajectory_proba, labels)

@@ -358,8 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     clean.add_argument("--standardize", action="store_true",
                        help="scale each feature to mean 0, sd 1 over the training rows before training (tabular "
                        "data; the files written keep the original values)")
-    clean.add_argument("--scoring", choices=sorted(SCORES), default="combined",
-                       help="label-quality score that ranks the rows (default combined; contribution is the paper's)")
+    clean.add_argument("--scoring", choices=sorted(SCORES), default="memorisation_weighted",
+                       help="label-quality score that ranks the rows (default memorisation_weighted; contribution is "
+                       "the paper's)")
     clean.add_argument("--drop-fraction", type=_fraction_or_auto, default="auto",
                        help="fraction flagged by 'drop', or auto to estimate it (default auto)")
     clean.add_argument("--n-val-features", type=int, default=1000, help="validation features for 'cluster'")

@@ -143,7 +143,7 @@ class _HydraBase(BaseEstimator):
         module,
         *,
         strategy: str = "drop",
-        scoring: str = "combined",
+        scoring: str = "memorisation_weighted",
         drop_fraction: float | str = "auto",
         n_val_features: int = 1000,
         hessian: str = "free",
@@ -553,6 +553,7 @@ class _HydraBase(BaseEstimator):
             trajectory_loss=result.trajectory_loss,
             trajectory_proba=result.trajectory_proba,
             trajectory_logit_margin=result.trajectory_logit_margin,
+            train_accuracy=result.history["train_accuracy"][-1],
         )
         issues = np.zeros(n_all, dtype=bool)
         if self.strategy == "drop" and self.drop_fraction == "auto":
@@ -762,10 +763,11 @@ class HydraLabelCleaner(TransformerMixin, _HydraBase):
     softmax output, averaged over the epochs). ``scoring`` turns these into
     one label-quality score, ``label_quality_``; the lowest are flagged.
 
-    The default score, ``"combined"``, adds three robust z-scores: the harm a
-    sample did to the validation class it hurts most, its training loss and
-    its margin along the run; ``docs/benchmarks.md`` compares it with the
-    paper's C(i), cleanlab and the other peers on every benchmark setting.
+    The default score, ``"memorisation_weighted"``, mixes robust z-scores of
+    the sample's margins along the run (softmax and logit) and of the harm it
+    did to the validation class it hurts most, by how far the model memorised
+    its labels; ``docs/benchmarks.md`` compares it with the paper's C(i),
+    cleanlab, AUM and the other peers on every benchmark setting.
     ``scoring="contribution"`` with a float ``drop_fraction`` is the paper's
     HYDRA.
 
@@ -790,9 +792,10 @@ class HydraLabelCleaner(TransformerMixin, _HydraBase):
         the sign vectors of ``C(i, j)`` over ``n_val_features`` validation
         samples in two and flags the group with the lower mean
         ``label_quality_`` (the paper's rule with ``scoring="contribution"``).
-    scoring : str, default="combined"
+    scoring : str, default="memorisation_weighted"
         The label-quality score (higher = more likely correct), one of
-        :data:`hydraclean.scoring.SCORES`: ``"combined"``,
+        :data:`hydraclean.scoring.SCORES`: ``"memorisation_weighted"``,
+        ``"combined"`` (three z-scores added with equal weight),
         ``"contribution"`` (the paper's C(i)), ``"class_min"`` (``min_c
         C(i, c)``), ``"class_harm"`` (the same with each class's column
         scaled by its spread), ``"trajectory_loss"``,

@@ -4,13 +4,14 @@ Every score is a small pure function of what one fit computes, called with
 keywords (it ignores those it does not use)::
 
     score(contribution=C, class_contribution=R, labels=y, trajectory_loss=L,
-          trajectory_proba=P, trajectory_logit_margin=M) -> (n_samples,)
+          trajectory_proba=P, trajectory_logit_margin=M, train_accuracy=a) -> (n_samples,)
 
 ``C`` is the paper's ``C(i)`` (n_samples,), ``R`` the class-resolved
 ``C(i, c)`` (n_samples, n_classes), ``y`` the observed labels as class codes
 ``0..n_classes-1``, and ``L``, ``P`` and ``M`` each sample's training loss,
 softmax output and logit margin averaged over the epochs, as the training
-steps computed them (the trajectory trace). Rows that were not scored (NaN in ``C`` or ``R``) get
+steps computed them (the trajectory trace), and ``a`` the training accuracy of
+the last epoch on the observed labels. Rows that were not scored (NaN in ``C`` or ``R``) get
 NaN; NaN columns of ``R`` (classes without validation samples) are skipped.
 Each score's ``needs`` names what it reads, so that a fit computes only that:
 a score that needs no hypergradient costs none.
@@ -32,6 +33,8 @@ __all__ = [
     "class_min",
     "combined",
     "contribution",
+    "memorisation",
+    "memorisation_weighted",
     "robust_z",
     "trajectory_loss",
     "trajectory_margin",
@@ -162,6 +165,45 @@ def combined(**arrays) -> np.ndarray:
     return sum(robust_z(np.where(scored, p, np.nan)) for p in parts)
 
 
+def memorisation(*, trajectory_proba: np.ndarray, labels: np.ndarray, train_accuracy: float, **_) -> float:
+    """How far the model memorised its labels, in [0, 1], from the run's own record.
+
+    Of the samples that the run predicted as another class on average (their
+    share is ``f``), the share that the model fits by the last epoch, if every
+    other sample stays fitted: ``(train_accuracy - (1 - f)) / f``, clipped to
+    [0, 1]; 0 when ``f`` is 0. Near 0 when the model kept predicting what the run
+    predicted (it did not learn the disputed labels), near 1 when it ended up
+    fitting them all.
+    """
+    P = np.asarray(trajectory_proba, dtype=np.float64)
+    disputed = float(np.mean(np.argmax(P, axis=1) != np.asarray(labels)))
+    if disputed == 0:
+        return 0.0
+    return float(np.clip((float(train_accuracy) - (1.0 - disputed)) / disputed, 0.0, 1.0))
+
+
+@needs("class_contribution", "trajectory")
+def memorisation_weighted(**arrays) -> np.ndarray:
+    """``(1 - m) (z(trajectory_margin) + z(aum)) + 2 m z(class_harm)``, with ``m`` = :func:`memorisation`.
+
+    The training run's record of a sample (its softmax and logit margins
+    averaged over the run) finds the flips that the model did not learn; once
+    the model memorises its labels that record fades, and the harm a flip did
+    to its true class (the hypergradient) carries the evidence. So the two
+    are mixed by how far the model memorised: on a run that did not memorise,
+    this is the margins alone; on one that fitted every label, the harm alone.
+    Each part is on a common scale (:func:`robust_z` over the scored samples,
+    those with every part); the harm counts twice so that both sides weigh
+    the same.
+    """
+    m = memorisation(**arrays)
+    record = [trajectory_margin(**arrays), aum(**arrays)]
+    harm = class_harm(**arrays)
+    scored = np.logical_and.reduce([np.isfinite(p) for p in [*record, harm]])
+    z = [robust_z(np.where(scored, p, np.nan)) for p in [*record, harm]]
+    return (1.0 - m) * (z[0] + z[1]) + 2.0 * m * z[2]
+
+
 SCORES = {
     "contribution": contribution,
     "class_min": class_min,
@@ -170,4 +212,5 @@ SCORES = {
     "trajectory_margin": trajectory_margin,
     "aum": aum,
     "combined": combined,
+    "memorisation_weighted": memorisation_weighted,
 }

@@ -79,10 +79,12 @@ def test_drop_strategy_attributes(flat):
 def test_default_score_and_auto_count_come_from_the_fitted_attributes(flat):
     X, y, _, Xv, yv = flat
     c = HydraLabelCleaner(mlp, **FAST).fit(X, y, X_val=Xv, y_val=yv)
-    assert c.scoring == "combined" and c.drop_fraction == "auto"
+    assert c.scoring == "memorisation_weighted" and c.drop_fraction == "auto"
     codes = np.searchsorted(c.classes_, y)
-    expected = scoring.combined(contribution=c.contribution_, class_contribution=c.class_contribution_,
-                                labels=codes, trajectory_loss=c.trajectory_loss_, trajectory_proba=c.trajectory_proba_)
+    expected = scoring.memorisation_weighted(
+        contribution=c.contribution_, class_contribution=c.class_contribution_, labels=codes,
+        trajectory_loss=c.trajectory_loss_, trajectory_proba=c.trajectory_proba_,
+        trajectory_logit_margin=c.trajectory_logit_margin_, train_accuracy=c.history_["train_accuracy"][-1])
     np.testing.assert_array_equal(c.label_quality_, expected)
     count = estimate_issue_count(c.class_contribution_, c.trajectory_proba_, codes)
     assert 0 < c.label_issues_.sum() == count < len(y)

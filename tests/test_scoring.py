@@ -27,6 +27,7 @@ def arrays():
         "trajectory_loss": rng.exponential(size=n),
         "trajectory_proba": proba,
         "trajectory_logit_margin": rng.normal(size=n),
+        "train_accuracy": 0.9,
     }
 
 
@@ -73,7 +74,7 @@ def test_unscored_rows_give_nan_and_classes_without_validation_samples_are_skipp
     assert scoring.class_min(**arrays)[0] == np.nanmin(R[0])
     # the other rows' z-scores do not see the unscored row
     keep = np.delete(np.arange(40), 3)
-    sub = {k: v[keep] for k, v in arrays.items()}
+    sub = {k: v[keep] if np.ndim(v) else v for k, v in arrays.items()}
     np.testing.assert_allclose(scoring.combined(**arrays)[keep], scoring.combined(**sub), rtol=1e-12)
 
 
@@ -181,3 +182,30 @@ def test_sign_clusters_leave_unscored_rows_out_of_the_clustering():
     assert not flagged[unscored].any()
     alone = flag_sign_clusters(C[~unscored], labels[~unscored], scores[~unscored])
     assert np.array_equal(flagged[~unscored], alone)
+
+
+def test_memorisation_is_the_share_of_disputed_samples_fitted_at_the_end(arrays):
+    P, y = arrays["trajectory_proba"], arrays["labels"]
+    disputed = np.mean(P.argmax(1) != y)  # the run predicted another class for these
+    assert 0 < disputed < 1
+    m = lambda acc: scoring.memorisation(trajectory_proba=P, labels=y, train_accuracy=acc)  # noqa: E731
+    assert m(1 - disputed) == 0.0  # it fits exactly those the run agreed with
+    assert m(1.0) == 1.0 and m(0.1) == 0.0  # clipped
+    np.testing.assert_allclose(m(1 - disputed / 2), 0.5)
+    agreed = np.eye(P.shape[1])[y]  # the run never disputed a label: nothing memorised
+    assert scoring.memorisation(trajectory_proba=agreed, labels=y, train_accuracy=1.0) == 0.0
+
+
+@pytest.mark.parametrize("train_accuracy", [0.0, 0.95, 1.0])
+def test_memorisation_weighted_mixes_the_margins_and_the_harm(arrays, train_accuracy):
+    arrays["train_accuracy"] = train_accuracy
+    m = scoring.memorisation(**arrays)
+    z = scoring.robust_z
+    margins = z(scoring.trajectory_margin(**arrays)) + z(arrays["trajectory_logit_margin"])
+    harm = z(np.min(arrays["class_contribution"] / arrays["class_contribution"].std(0), axis=1))
+    np.testing.assert_allclose(scoring.memorisation_weighted(**arrays), (1 - m) * margins + 2 * m * harm,
+                               rtol=1e-12, atol=1e-12)
+    if train_accuracy == 0.0:
+        assert m == 0.0
+    if train_accuracy == 1.0:
+        assert m == 1.0
