@@ -7,8 +7,9 @@ fit's own arrays), caches those arrays, and reports for each rule of
 ``score_ablation.AUTO_RULES`` its count against the true number of flips and
 the F1 of its flags, with issue 19's bar (within 25% of the true count) and
 the peers' F1 where the suite measured them (cleanlab's ``find_label_issues``
-and AUM's threshold rule). The settings in ``--held-out`` take no part in the
-choice: their columns are reported apart.
+and AUM's threshold rule). The ``HELD_OUT`` settings took no part in the
+choice (their columns are summarised apart), and the ``CLEAN`` ones, with no
+flipped label, report the share of rows each rule flags.
 
     python benchmarks/flag_count.py --out docs/_generated/flag_count.md
 """
