@@ -88,8 +88,8 @@ def splits(a: dict) -> list[tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def variants(a: dict) -> dict[str, np.ndarray]:
-    """Flags of the default, of the cluster strategy, and of each variant tried."""
+def variants(a: dict, parts: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Flags of the default, of the cluster strategy, and of each variant tried, given ``parts = splits(a)``."""
     q = a["quality"]
     evidence = harms_more_than_class_helps(a["class_contribution"], a["labels"]) | predicted_other_class(
         a["trajectory_proba"], a["labels"])
@@ -97,7 +97,7 @@ def variants(a: dict) -> dict[str, np.ndarray]:
     out = {"auto (default)": flag_lowest(q, count=int(evidence.sum())),
            "split (strategy='cluster')": flag_sign_clusters(a["matrix"], a["labels"], q)}
     with_evidence, majority, per_class, within = (np.zeros(n, bool) for _ in range(4))
-    for members, low in splits(a):
+    for members, low in parts:
         with_evidence[low] = evidence[low]
         majority[low] = evidence[low].mean() > 0.5
         k = int(evidence[members].sum())
@@ -110,15 +110,15 @@ def variants(a: dict) -> dict[str, np.ndarray]:
     out["the count's number per class, the flagged side's lowest first"] = per_class
     out["the count's number per class, inside the flagged side only"] = within
     out["auto, inside the flagged side only"] = out["auto (default)"] & np.isin(
-        np.arange(n), np.concatenate([low for _, low in splits(a)]))
+        np.arange(n), np.concatenate([low for _, low in parts]))
     return out
 
 
-def alignment(a: dict) -> tuple[float, float]:
+def alignment(a: dict, parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[float, float]:
     """Mean over classes of (share of the class on the flagged side, share of the class's flips on it)."""
     noise = a["noise"].astype(bool)
     share, caught = [], []
-    for members, low in splits(a):
+    for members, low in parts:
         share.append(low.size / members.size)
         if noise[members].any():
             caught.append(noise[low].sum() / noise[members].sum())
@@ -139,8 +139,9 @@ def main() -> None:
     for name in args.settings:
         a = cluster_arrays(name, Path(args.cache), log)
         noise = a["noise"].astype(bool)
-        rows[name] = {v: f1_score(noise, f) for v, f in variants(a).items()}
-        aligned[name] = (alignment(a), noise.mean())
+        parts = splits(a)  # Ward's tree once per setting
+        rows[name] = {v: f1_score(noise, f) for v, f in variants(a, parts).items()}
+        aligned[name] = (alignment(a, parts), noise.mean())
     names = list(rows)
     head = "| flags | " + " | ".join(names) + " | mean | at least the default's F1 |"
     lines = ["Command: `python benchmarks/cluster_flags.py`. One cluster fit per setting (the suite's recipes, "

@@ -196,7 +196,7 @@ def _p(a):
 
 
 def _count(a, flags):
-    return flag_lowest(SCORES[DEFAULT_SCORE](**a), count=int(flags.sum()))
+    return _lowest(a, flags.sum())
 
 
 def _cl(a, method="off_diagonal_calibrated"):
