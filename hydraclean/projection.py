@@ -510,11 +510,11 @@ def _brute_products(model: nn.Module, criterion: nn.Module, params: dict, x: tor
     with step_rng(1, x.device), torch.enable_grad():
         losses = criterion(functional_call(model, leaves, (x,)), y)
         rows = []
-        for i in range(x.shape[0]):
+        for i in range(x.shape[0]):  # one sample's gradient at a time: a few model-sized buffers, not n
             grads = torch.autograd.grad(losses[i], list(leaves.values()), retain_graph=True, allow_unused=True)
-            rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
-                                   for g, p in zip(grads, leaves.values())]))
-    return torch.stack(rows) @ V.T
+            rows.append(V @ torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+                                       for g, p in zip(grads, leaves.values())]))
+    return torch.stack(rows)
 
 
 def _note_shapes(record: dict, k: int, x_probe: torch.Tensor, x_values: torch.Tensor, m: nn.Module, args: tuple,
@@ -626,7 +626,7 @@ class LayerFactorProjector:
             self.capture.backward(losses.mean())
         return self.capture.take()
 
-    def _row_factors(self, module, modes, constant_stats, ghost: GhostRows, batch_size: int = 256,
+    def _row_factors(self, module, modes, constant_stats, ghost: GhostRows, batch_size: int = 64,
                      budget: int = ROW_FACTOR_BYTES) -> dict:
         """The validation samples' eval-mode ghost factors ``(u_j, delta_j)`` at ``ghost.model``'s weights,
         for the layers (called once per pass, without dense sums) where the ghost product pays, as long as

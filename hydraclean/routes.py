@@ -172,7 +172,8 @@ class StoredRun:
         self.store = RunStore(trajectory, sum(p.numel() for p in like.values()), ref.dtype, ref.device, max_memory,
                               spill_dir, reverse=exact or not trajectory.rule.linear, reserve=reserve)
         self.nbytes = self.store.nbytes
-        self.accumulate_bytes = max_memory - self.store.nbytes  # room for a convolution buffer
+        # room for a convolution buffer: what max_memory has left beside the store and what scoring reserves
+        self.accumulate_bytes = max(0, max_memory - self.store.nbytes - reserve)
 
     def attach(self, model: nn.Module) -> None:
         self.store.attach(model)

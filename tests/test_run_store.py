@@ -119,6 +119,20 @@ def test_checkpoints_leave_the_reserve_free_when_an_interval_fits_in_what_remain
     assert with_reserve.nbytes <= 4 * row
 
 
+@pytest.mark.parametrize("reserve_rows", [0, 2, 100])
+def test_a_stored_run_sums_gradients_only_in_what_the_store_and_the_reserve_leave_of_max_memory(reserve_rows):
+    """The per-sample gradient sums of a layer without factors share ``max_memory`` with the checkpoints and
+    with what scoring reserves (the directions, the ghost rows): together at most ``max_memory``."""
+    from hydraclean.routes import StoredRun
+
+    module, X, y, traj = setup()
+    row = 4 * sum(p.numel() for p in module.parameters())
+    max_memory, reserve = 8 * row, reserve_rows * row  # less than every step's gradient: checkpoints
+    run = StoredRun(module, CE, traj, X, y, exact=False, max_memory=max_memory, reserve=reserve)
+    assert run.store.location == "checkpoints"
+    assert 0 <= run.accumulate_bytes <= max(0, max_memory - run.nbytes - reserve)
+
+
 def test_a_parameter_without_gradient_is_stepped_with_zero_and_checkpointed():
     """An unused submodule: zero gradient, state kept like any other (no KeyError on a missing buffer)."""
 
