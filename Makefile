@@ -46,6 +46,7 @@ bench-smoke: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/summarize.py --dir $(CURDIR)/build/bench-smoke
 	$(BIN)/python benchmarks/flag_count.py --settings tabular-cc tabular-cc-clean --cache $(CURDIR)/build/bench-smoke/flag_count
 	$(BIN)/python benchmarks/cluster_flags.py --settings digits-sym-0.2 --cache $(CURDIR)/build/bench-smoke/cluster_flags
+	$(BIN)/python benchmarks/one_run_peers.py --smoke --settings digits-sym-0.2 tabular-cc --out $(CURDIR)/build/bench-smoke/one_run_peers.md
 
 # On a CUDA machine: GPU scoring against float64 on the CPU (tests/test_cuda.py), then the cost on full
 # Fashion-MNIST with LeNet-5 and DenseNet-BC-40 (docs/benchmarks.md, "On a GPU"), then the data-parallel
@@ -74,6 +75,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/suite.py --dataset tabular --out docs/_generated/suite_tabular.md
 	$(BIN)/python benchmarks/flag_count.py --out docs/_generated/flag_count.md
 	$(BIN)/python benchmarks/cluster_flags.py --out docs/_generated/cluster_flags.md
+	$(BIN)/python benchmarks/one_run_peers.py --out docs/_generated/one_run_peers.md
 	$(BIN)/python benchmarks/hessian_detection.py --out docs/_generated/hessian_detection.md
 	$(BIN)/python benchmarks/paper.py --out-dir docs/_generated
 	$(BIN)/python benchmarks/score_ablation.py --out docs/_generated/score_ablation.md

@@ -137,11 +137,19 @@ def cleanlab_scores(make_module, X, y, recipe: Training, seed: int) -> tuple[np.
     return get_label_quality_scores(labels, probs), find_label_issues(labels, probs)
 
 
-class _MarginRecorder:
-    """Feeds every training step's logits (the step's own forward pass) to an ``aum.AUMCalculator``."""
+class _OneRunRecorder:
+    """Reads every training step's logits (the step's own forward pass, before its update) for three one-run
+    peers: AUM's margins (fed to an ``aum.AUMCalculator``), Dataset Cartography's probability of the label
+    (Swayamdipta et al. 2020), and forgetting events (Toneva et al. 2019: a sample classified correctly at one
+    presentation and wrongly at the next)."""
 
-    def __init__(self, calculator):
+    def __init__(self, calculator, n_samples: int):
         self.calculator, self.logits, self.handle = calculator, None, None
+        self.proba_sum = torch.zeros(n_samples, dtype=torch.float64)
+        self.presentations = torch.zeros(n_samples, dtype=torch.int64)
+        self.correct = torch.zeros(n_samples, dtype=torch.bool)  # at the sample's latest presentation
+        self.learned = torch.zeros(n_samples, dtype=torch.bool)  # classified correctly at some presentation
+        self.forgettings = torch.zeros(n_samples, dtype=torch.int64)
 
     def attach(self, model: nn.Module) -> None:
         self.handle = model.register_forward_hook(lambda m, inputs, out: setattr(self, "logits", out.detach()))
@@ -151,18 +159,41 @@ class _MarginRecorder:
 
     def record(self, step) -> None:
         self.calculator.update(self.logits, step.yb, step.idx.tolist())
+        idx, yb, logits = step.idx.cpu(), step.yb.cpu(), self.logits.cpu()
+        self.proba_sum[idx] += torch.softmax(logits.double(), 1).gather(1, yb[:, None])[:, 0]
+        self.presentations[idx] += 1
+        correct = logits.argmax(1) == yb
+        self.forgettings[idx] += (self.correct[idx] & ~correct).long()  # a batch holds each sample once
+        self.correct[idx] = correct
+        self.learned[idx] |= correct
+
+    def scores(self) -> dict[str, np.ndarray]:
+        """Higher = more likely correctly labelled, for each peer. A sample never classified correctly counts
+        as forgotten more often than any other (Toneva et al.: infinitely often)."""
+        n = len(self.presentations)
+        forgettings = torch.where(self.learned, self.forgettings, self.presentations + 1).double()
+        return {"AUM": np.array([self.calculator.sums[i] / self.calculator.counts[i] for i in range(n)]),
+                "forgetting events": -forgettings.numpy(),
+                "Cartography confidence": (self.proba_sum / self.presentations).numpy()}
 
 
-def _aum_run(module: nn.Module, X: torch.Tensor, y: torch.Tensor, recipe: Training, seed: int) -> np.ndarray:
-    """AUM of every sample over one plain training run of ``module``, by the ``aum`` package."""
+def one_run_scores(module: nn.Module, X: torch.Tensor, y: torch.Tensor, recipe: Training, seed: int
+                   ) -> dict[str, np.ndarray]:
+    """AUM (by the ``aum`` package), forgetting events and Cartography's confidence, each of every sample,
+    from one plain training run of ``module`` (the ordinary run every method shares)."""
     import tempfile
 
     from aum import AUMCalculator
 
     with tempfile.TemporaryDirectory() as d:
-        calculator = AUMCalculator(d, compressed=True)
-        run_training(module, X, y, CE, recipe.plan(len(y), seed), recorder=_MarginRecorder(calculator))
-    return np.array([calculator.sums[i] / calculator.counts[i] for i in range(len(y))])
+        recorder = _OneRunRecorder(AUMCalculator(d, compressed=True), len(y))
+        run_training(module, X, y, CE, recipe.plan(len(y), seed), recorder=recorder)
+        return recorder.scores()
+
+
+def _aum_run(module: nn.Module, X: torch.Tensor, y: torch.Tensor, recipe: Training, seed: int) -> np.ndarray:
+    """AUM of every sample over one plain training run of ``module``, by the ``aum`` package."""
+    return one_run_scores(module, X, y, recipe, seed)["AUM"]
 
 
 def with_extra_class(module: nn.Module) -> nn.Module:
@@ -174,10 +205,10 @@ def with_extra_class(module: nn.Module) -> nn.Module:
     return module
 
 
-def aum_scores(make_module, X, y, recipe: Training, seed: int, percentile: float = 99.0
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """AUM's scores (one ordinary run, the same as the plain training's) and its threshold-sample flags."""
-    scores = _aum_run(init_module(make_module, seed, X.device), X, y, recipe, seed)
+def aum_threshold_flags(make_module, X, y, recipe: Training, seed: int, percentile: float = 99.0) -> np.ndarray:
+    """AUM's own flags (Pleiss et al. 2020): two more runs, each with a share of the samples relabelled to a
+    fake extra class (threshold samples); a sample is flagged when its AUM is at most the ``percentile`` of
+    theirs."""
     n_classes = int(y.max()) + 1
     order = np.random.default_rng(seed).permutation(len(y))
     m = len(y) // (n_classes + 1)
@@ -191,7 +222,7 @@ def aum_scores(make_module, X, y, recipe: Training, seed: int, percentile: float
             module = with_extra_class(make_module()).to(X.device)
         margins = _aum_run(module, X, fake, recipe, seed)
         flags[judged] = margins[judged] <= np.percentile(margins[threshold_set], percentile)
-    return scores, flags
+    return flags
 
 
 def per_sample_dot(model: nn.Module, X: torch.Tensor, y: torch.Tensor, direction: torch.Tensor,

@@ -40,10 +40,11 @@ from measure import Meter  # noqa: E402
 from methods import (  # noqa: E402
     OPTIMIZERS,
     Training,
-    aum_scores,
+    aum_threshold_flags,
     cleanlab_scores,
     influence_scores,
     init_module,
+    one_run_scores,
     replay_statistics,
     tracin_scores,
     train_with_checkpoints,
@@ -61,7 +62,10 @@ DEFAULT = "HYDRA default"
 PAPER = "HYDRA C(i), paper"
 
 
-PEERS = ("cleanlab", "AUM", "training loss", "influence (LiSSA)", "TracInCP")
+#: Peers without a flag rule of their own, from the ordinary run's record (each flags its k lowest, as the
+#: other ranking methods do)
+ONE_RUN = ("forgetting events", "Cartography confidence")
+PEERS = ("cleanlab", "AUM", *ONE_RUN, "training loss", "influence (LiSSA)", "TracInCP")
 
 
 def run_setting(name: str, device: torch.device, seeds: int, smoke: bool, log, peers: dict | None = None):
@@ -117,9 +121,13 @@ def run_setting(name: str, device: torch.device, seeds: int, smoke: bool, log, p
         with Meter() as m:
             scores, flags = cleanlab_scores(make_module, Xt, yt, recipe, seed=0)
         record("cleanlab", m, scores, flags)
+        with Meter() as one_run:  # the ordinary run's own record: AUM, forgetting events, Cartography
+            scores = one_run_scores(init_module(make_module, 0, device), Xt, yt, recipe, seed=0)
         with Meter() as m:
-            scores, flags = aum_scores(make_module, Xt, yt, recipe, seed=0)
-        record("AUM", m, scores, flags)
+            flags = aum_threshold_flags(make_module, Xt, yt, recipe, seed=0)
+        record("AUM", m, scores["AUM"], flags, extra_seconds=one_run.seconds)
+        for method in ONE_RUN:
+            record(method, one_run, scores[method])
         if without_second_derivative(model):  # LiSSA iterates Hessian-vector products
             log(f"  influence (LiSSA)  n/a: no second derivative of {', '.join(without_second_derivative(model))}")
         else:
@@ -165,7 +173,7 @@ def run_setting(name: str, device: torch.device, seeds: int, smoke: bool, log, p
     for r in rows.values():
         r.pop("flags", None)
     if peers is not None:
-        rows.update({p: peers["methods"][p] for p in PEERS})
+        rows.update({p: peers["methods"][p] for p in PEERS if p in peers["methods"]})  # an older run: fewer
     log("  retraining done (" + ", ".join(f"{n}: {r['retrain'][0]:.3f}" for n, r in rows.items()) + ")")
     arrays.pop("contribution_matrix")  # large; the rest lets a later choice be re-evaluated offline
     arrays.update(noise=noise, y_clean=y_clean)

@@ -12,10 +12,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from methods import (  # noqa: E402
     CE,
     Training,
-    aum_scores,
+    aum_threshold_flags,
     influence_scores,
     init_module,
     lissa,
+    one_run_scores,
     tracin_scores,
     train_with_checkpoints,
     with_extra_class,
@@ -127,9 +128,57 @@ def test_aum_peer_by_the_aum_package_equals_the_fits_own_margin_and_flags_by_thr
     y[flipped] = (y[flipped] + 1) % 3
     recipe = Training(max_epochs=15, batch_size=10, lr=0.3)
     make = lambda: ref.tiny_mlp().float()  # noqa: E731
-    scores, flags = aum_scores(make, X, y, recipe, seed=0)
+    scores = one_run_scores(init_module(make, 0), X, y, recipe, seed=0)["AUM"]
+    flags = aum_threshold_flags(make, X, y, recipe, seed=0)
     _, _, trace = train(init_module(make, 0), X, y, CE, recipe.plan(len(y), 0))
     np.testing.assert_allclose(scores, trace.margin.numpy(), rtol=1e-5, atol=1e-6)
     assert flags.dtype == bool and 0 < flags.sum() < len(y) // 3 and flags[flipped].mean() > 0.5
     wider = with_extra_class(make())
     assert wider(X).shape == (90, 4)
+
+
+class _EveryStep:
+    """Keeps every training step's batch and logits, for counting by hand."""
+
+    def __init__(self):
+        self.steps, self.logits = [], None
+
+    def attach(self, model):
+        self.handle = model.register_forward_hook(lambda m, inputs, out: setattr(self, "logits", out.detach()))
+
+    def detach(self):
+        self.handle.remove()
+
+    def record(self, step):
+        self.steps.append((step.idx.tolist(), step.yb.tolist(), self.logits.argmax(1).tolist()))
+
+
+def test_forgetting_events_and_cartography_confidence_from_one_run_against_counts_by_hand():
+    """Forgetting events (Toneva et al. 2019) counted presentation by presentation in plain Python from every
+    step's predictions, never-learned samples above all others; Cartography's confidence against the mean
+    probability of the label in the trace hydraclean keeps of the same run."""
+    from hydraclean.training import run_training, train
+
+    X, _ = data(n=60)
+    X = X.float()
+    y = X.argmax(1)
+    y[::6] = (y[::6] + 1) % 3
+    recipe = Training(max_epochs=6, batch_size=8, lr=0.5)
+    make = lambda: ref.tiny_mlp().float()  # noqa: E731
+    got = one_run_scores(init_module(make, 0), X, y, recipe, seed=0)
+    every = _EveryStep()
+    run_training(init_module(make, 0), X, y, CE, recipe.plan(len(y), 0), recorder=every)
+    last, learned, forgotten, seen = {}, set(), [0] * len(y), [0] * len(y)
+    for idx, labels, predicted in every.steps:
+        for i, label, p in zip(idx, labels, predicted):
+            correct = p == label
+            forgotten[i] += last.get(i, False) and not correct
+            last[i], seen[i] = correct, seen[i] + 1
+            if correct:
+                learned.add(i)
+    expected = [-(f if i in learned else seen[i] + 1) for i, f in enumerate(forgotten)]
+    np.testing.assert_array_equal(got["forgetting events"], expected)
+    assert len(learned) < len(y) and max(forgotten) > 0  # both cases occur
+    _, _, trace = train(init_module(make, 0), X, y, CE, recipe.plan(len(y), 0))
+    np.testing.assert_allclose(got["Cartography confidence"], trace.proba[torch.arange(len(y)), y].numpy(),
+                               rtol=1e-5, atol=1e-6)
