@@ -9,8 +9,9 @@ from the same arrays) and compares the F1 of:
 - ``auto``: the default, the lowest-scored ``estimate_issue_count`` samples;
 - ``split``: the cluster strategy as shipped;
 - variants that decide each class's split with the count's evidence
-  (:func:`hydraclean.cleaning.harms_more_than_class_helps` or
-  :func:`hydraclean.cleaning.predicted_other_class`).
+  (:func:`hydraclean.cleaning.predicted_other_class`, and
+  :func:`hydraclean.cleaning.harms_more_than_class_helps` where the count uses it:
+  the run memorised and its validation accuracy fell).
 
 It also reports how the split lies against the flips: the share of a class that
 the flagged group takes, and the share of the class's flips inside it.
@@ -38,9 +39,11 @@ from settings import SETTINGS, load_data  # noqa: E402
 from hydraclean import HydraLabelCleaner  # noqa: E402
 from hydraclean.cleaning import (  # noqa: E402
     _ward_halves,
+    estimate_issue_count,
     flag_lowest,
     flag_sign_clusters,
     harms_more_than_class_helps,
+    memorised_flips,
     predicted_other_class,
 )
 from hydraclean.scoring import SCORES  # noqa: E402
@@ -69,6 +72,7 @@ def cluster_arrays(name: str, cache: Path, log) -> dict[str, np.ndarray]:
                             trajectory_proba=fit.trajectory_proba_,
                             trajectory_logit_margin=fit.trajectory_logit_margin_,
                             train_accuracy=np.float64(fit.history_["train_accuracy"][-1]),
+                            valid_accuracy=np.asarray(fit.history_["valid_accuracy"]), n_val=np.int64(len(y_val)),
                             labels=np.searchsorted(fit.classes_, y_noisy), noise=noise)
     with np.load(path) as z:
         a = {k: z[k] for k in z.files}
@@ -91,10 +95,14 @@ def splits(a: dict) -> list[tuple[np.ndarray, np.ndarray]]:
 def variants(a: dict, parts: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
     """Flags of the default, of the cluster strategy, and of each variant tried, given ``parts = splits(a)``."""
     q = a["quality"]
-    evidence = harms_more_than_class_helps(a["class_contribution"], a["labels"]) | predicted_other_class(
-        a["trajectory_proba"], a["labels"])
+    memorised = memorised_flips(a["trajectory_proba"], a["labels"], a["train_accuracy"], a["valid_accuracy"],
+                                a["n_val"])
+    # the count's evidence: the prediction rule, and the harm rule where the count takes it (the run memorised)
+    evidence = predicted_other_class(a["trajectory_proba"], a["labels"]) | (
+        harms_more_than_class_helps(a["class_contribution"], a["labels"]) & (memorised > 0))
     n = len(q)
-    out = {"auto (default)": flag_lowest(q, count=int(evidence.sum())),
+    count = estimate_issue_count(a["class_contribution"], a["trajectory_proba"], a["labels"], memorised)
+    out = {"auto (default)": flag_lowest(q, count=count),
            "split (strategy='cluster')": flag_sign_clusters(a["matrix"], a["labels"], q)}
     with_evidence, majority, per_class, within = (np.zeros(n, bool) for _ in range(4))
     for members, low in parts:

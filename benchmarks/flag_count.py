@@ -60,7 +60,8 @@ def default_arrays(name: str, device: torch.device) -> dict[str, np.ndarray]:
             "labels": np.searchsorted(fit.classes_, y_noisy), "trajectory_loss": fit.trajectory_loss_,
             "trajectory_proba": fit.trajectory_proba_, "trajectory_logit_margin": fit.trajectory_logit_margin_,
             "noise": noise, "train_accuracy": np.float64(fit.history_["train_accuracy"][-1]),
-            "valid_accuracy": np.asarray(fit.history_["valid_accuracy"]), "n_classes": np.int64(len(fit.classes_))}
+            "valid_accuracy": np.asarray(fit.history_["valid_accuracy"]), "n_classes": np.int64(len(fit.classes_)),
+            "n_val": np.int64(len(y_val))}
 
 
 def cached_arrays(names: list[str], cache: Path, device: torch.device, log) -> dict[str, dict]:
@@ -75,6 +76,9 @@ def cached_arrays(names: list[str], cache: Path, device: torch.device, log) -> d
             log(f"{name}: fitted in {time.perf_counter() - t0:.0f} s")
         with np.load(path) as z:
             out[name] = {k: z[k] for k in z.files}
+        if "n_val" not in out[name]:  # a cache from before the count read the validation set's size
+            out[name]["n_val"] = np.int64(len(load_data(CLEAN.get(name) or SETTINGS[name])[5]))
+            np.savez_compressed(path, **out[name])
     return out
 
 

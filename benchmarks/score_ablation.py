@@ -29,11 +29,18 @@ from scipy.stats import rankdata
 from sklearn.metrics import f1_score
 from sklearn.mixture import GaussianMixture
 
-from hydraclean.cleaning import flag_lowest, harms_more_than_class_helps, predicted_other_class
+from hydraclean.cleaning import (
+    estimate_issue_count,
+    flag_lowest,
+    harms_more_than_class_helps,
+    memorised_flips,
+    predicted_other_class,
+    validation_fell,
+)
 from hydraclean.scoring import SCORES, class_harm, memorisation, robust_z
 
 DEFAULT_SCORE = "memorisation_weighted"
-DEFAULT_COUNT = "count of A or P, lowest scores"
+DEFAULT_COUNT = "P + m x (A not P) where the validation accuracy fell, lowest scores"
 
 
 def _own(R, y):
@@ -286,7 +293,7 @@ AUTO_RULES = {
     "A or P": lambda a: _a(a) | _p(a),
     "A and P": lambda a: _a(a) & _p(a),
     "count of P, lowest scores": lambda a: _count(a, _p(a)),
-    DEFAULT_COUNT: lambda a: _count(a, _a(a) | _p(a)),
+    "count of A or P, lowest scores (the earlier default)": lambda a: _count(a, _a(a) | _p(a)),
     "count of A or P, lowest combined scores (the earlier default score)": lambda a: flag_lowest(
         SCORES["combined"](**a), count=int((_a(a) | _p(a)).sum())),
     "count of confident learning (off-diagonal), lowest scores": lambda a: _lowest(a, _cl(a, "off_diagonal")),
@@ -316,6 +323,18 @@ AUTO_RULES = {
     "min(A or P, max(A, P beyond validation + A not P)), lowest scores": lambda a: _lowest(
         a, min((_a(a) | _p(a)).sum(), max(_a(a).sum(), _p_beyond_validation(a) + (_a(a) & ~_p(a)).sum()))),
     "latent-class model of A, P and L, lowest scores": lambda a: _lowest(a, _latent_class(a)),
+    # the count mixed by memorisation m, as the default score mixes its parts: P's count where the run did not
+    # memorise (A's clean flags then cost nothing), A's extra flags where it did
+    "P + m x (A not P), lowest scores": lambda a: _lowest(a, _p(a).sum() + memorisation(**a) * (_a(a) & ~_p(a)).sum()),
+    "P if m < 1/2, else A or P; lowest scores": lambda a: _lowest(
+        a, (_p(a) | (_a(a) & (memorisation(**a) >= 0.5))).sum()),
+    DEFAULT_COUNT: lambda a: _lowest(a, estimate_issue_count(  # hydraclean's own (drop_fraction="auto")
+        a[R_], a["trajectory_proba"], a["labels"], memorised_flips(
+            a["trajectory_proba"], a["labels"], a["train_accuracy"], a["valid_accuracy"], a["n_val"]))),
+    "P + (A not P) where the validation accuracy fell, lowest scores": lambda a: _lowest(
+        a, _p(a).sum() + validation_fell(a["valid_accuracy"], a["n_val"]) * (_a(a) & ~_p(a)).sum()),
+    "P beyond the validation error (best epoch) + m x (A not P), lowest scores": lambda a: _lowest(
+        a, _p_beyond_validation(a) + memorisation(**a) * (_a(a) & ~_p(a)).sum()),
 }
 
 

@@ -72,7 +72,8 @@ def run_setting(name: str, device: torch.device, seeds: int, smoke: bool, log, p
     """One setting: (results for the JSON, the arrays every ablation variant is computed from).
 
     With ``peers`` (this setting's results from an earlier run of the same
-    command), the peer methods are not run again: their rows are copied.
+    command), the peer methods it has are not run again: their rows are copied.
+    Peers it lacks (it predates them) are run.
     """
     setting = SETTINGS[name]
     make_module, recipe, X_tr, y_clean, X_val, y_val, X_test, y_test = load_data(setting, smoke)
@@ -116,11 +117,16 @@ def run_setting(name: str, device: torch.device, seeds: int, smoke: bool, log, p
     record("HYDRA cluster", m, clustered.label_quality_, clustered.label_issues_)
     with Meter() as m:
         final_loss = training_loss_scores(model, Xt, yt)
-    if peers is None:
+    def missing(*methods):  # a peer to run: no earlier run, or one from before the peer joined the suite
+        return peers is None or any(m not in peers["methods"] for m in methods)
+
+    if missing("training loss"):
         record("training loss", m, final_loss, extra_seconds=plain.seconds)
+    if missing("cleanlab"):
         with Meter() as m:
             scores, flags = cleanlab_scores(make_module, Xt, yt, recipe, seed=0)
         record("cleanlab", m, scores, flags)
+    if missing("AUM", *ONE_RUN):
         with Meter() as one_run:  # the ordinary run's own record: AUM, forgetting events, Cartography
             scores = one_run_scores(init_module(make_module, 0, device), Xt, yt, recipe, seed=0)
         with Meter() as m:
@@ -128,6 +134,7 @@ def run_setting(name: str, device: torch.device, seeds: int, smoke: bool, log, p
         record("AUM", m, scores["AUM"], flags, extra_seconds=one_run.seconds)
         for method in ONE_RUN:
             record(method, one_run, scores[method])
+    if missing("influence (LiSSA)", "TracInCP"):
         if without_second_derivative(model):  # LiSSA iterates Hessian-vector products
             log(f"  influence (LiSSA)  n/a: no second derivative of {', '.join(without_second_derivative(model))}")
         else:
@@ -147,6 +154,7 @@ def run_setting(name: str, device: torch.device, seeds: int, smoke: bool, log, p
         "feature_labels": np.searchsorted(clustered.classes_, y_val[clustered.val_feature_indices_]),
         "final_loss": -final_loss, "self_influence": self_influence, "weighted_trajectory_loss": weighted_loss,
         "valid_accuracy": np.asarray(default.history_["valid_accuracy"]),
+        "n_val": np.int64(len(y_val)),
         "train_accuracy": np.float64(default.history_["train_accuracy"][-1]),
     }
     ablation = evaluate(arrays, noise)
@@ -173,7 +181,7 @@ def run_setting(name: str, device: torch.device, seeds: int, smoke: bool, log, p
     for r in rows.values():
         r.pop("flags", None)
     if peers is not None:
-        rows.update({p: peers["methods"][p] for p in PEERS if p in peers["methods"]})  # an older run: fewer
+        rows.update({p: peers["methods"][p] for p in PEERS if p in peers["methods"] and p not in rows})
     log("  retraining done (" + ", ".join(f"{n}: {r['retrain'][0]:.3f}" for n, r in rows.items()) + ")")
     arrays.pop("contribution_matrix")  # large; the rest lets a later choice be re-evaluated offline
     arrays.update(noise=noise, y_clean=y_clean)
@@ -244,7 +252,8 @@ def main() -> None:
         f"measured in the same process; training loss, influence functions and TracInCP include that run. "
         f"\"{PAPER}\" is the same fit as \"{DEFAULT}\", ranked by `contribution_`."
         + (f" The peers' rows ({', '.join(PEERS)}) are copied from an earlier run of the same command "
-           f"(`--peers-from {Path(args.peers_from).name}`)." if args.peers_from else "")
+           f"(`--peers-from {Path(args.peers_from).name}`); a peer that run lacks is run here."
+           if args.peers_from else "")
     )
     text = markdown(results, header)
     print(text)

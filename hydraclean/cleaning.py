@@ -11,8 +11,10 @@ from scipy.cluster.hierarchy import linkage, to_tree  # scipy: a dependency of s
 from scipy.spatial.distance import squareform
 from sklearn.cluster import KMeans
 
+from .scoring import memorisation
+
 __all__ = ["estimate_issue_count", "flag_lowest", "flag_sign_clusters", "harms_more_than_class_helps",
-           "predicted_other_class"]
+           "memorised_flips", "predicted_other_class", "validation_fell"]
 
 #: Classes with fewer samples than this are not split by :func:`flag_sign_clusters`.
 MIN_CLUSTER_CLASS_SIZE = 4
@@ -95,14 +97,79 @@ def predicted_other_class(trajectory_proba: np.ndarray, labels: np.ndarray) -> n
     return np.argmax(np.asarray(trajectory_proba), axis=1) != np.asarray(labels)
 
 
-def estimate_issue_count(class_contribution: np.ndarray, trajectory_proba: np.ndarray, labels: np.ndarray) -> int:
+def validation_fell(valid_accuracy, n_val: int, z: float = 2.0) -> bool:
+    """Whether the trusted rows' accuracy fell from its best epoch to the last by more than ``z`` standard errors.
+
+    Fitting clean labels does not cost accuracy on held-out clean data;
+    memorising flipped ones does. The standard error is the binomial one at
+    the best accuracy, ``sqrt(a (1 - a) / n_val)``.
+
+    Parameters
+    ----------
+    valid_accuracy : sequence of float, one per epoch
+        Accuracy on the validation set after each epoch (``history_["valid_accuracy"]``).
+    n_val : int
+        Number of validation samples.
+    z : float, default=2.0
+
+    Returns
+    -------
+    fell : bool
+    """
+    acc = np.asarray(valid_accuracy, dtype=np.float64)
+    if acc.size == 0:
+        return False
+    best = acc.max()
+    return bool(best - acc[-1] > z * np.sqrt(best * (1.0 - best) / max(int(n_val), 1)))
+
+
+def memorised_flips(trajectory_proba: np.ndarray, labels: np.ndarray, train_accuracy: float,
+                    valid_accuracy, n_val: int) -> float:
+    """How far the run memorised flipped labels, in [0, 1]: the argument ``memorised`` of :func:`estimate_issue_count`.
+
+    :func:`hydraclean.scoring.memorisation` (how far the model fitted the
+    labels its run disputed) where :func:`validation_fell` says that fitting
+    them cost accuracy on the trusted rows, else 0: a model that memorises
+    clean labels loses no validation accuracy by it.
+
+    Parameters
+    ----------
+    trajectory_proba : ndarray of shape (n_samples, n_classes)
+    labels : ndarray of shape (n_samples,)
+    train_accuracy : float
+        Training accuracy of the last epoch on the observed labels.
+    valid_accuracy : sequence of float, one per epoch
+    n_val : int
+
+    Returns
+    -------
+    memorised : float
+    """
+    if not validation_fell(valid_accuracy, n_val):
+        return 0.0
+    return memorisation(trajectory_proba=trajectory_proba, labels=labels, train_accuracy=train_accuracy)
+
+
+def estimate_issue_count(class_contribution: np.ndarray, trajectory_proba: np.ndarray, labels: np.ndarray,
+                         memorised: float = 0.0) -> int:
     """How many scored samples are mislabelled, estimated without knowing the noise rate.
 
-    The samples that either :func:`harms_more_than_class_helps` or
-    :func:`predicted_other_class` flags. The first catches mislabelled
-    samples that the model memorised (their harm to their true class
-    accumulates over the run); the second those it did not (it kept
-    predicting their true class). Neither needs a threshold.
+    The samples that :func:`predicted_other_class` flags (the flips the model
+    did not learn: it kept predicting their true class), plus ``memorised``
+    times the further samples that :func:`harms_more_than_class_helps` flags
+    (flips the model fitted, whose harm to their true class accumulated over
+    the run).
+
+    Parameters
+    ----------
+    class_contribution : ndarray of shape (n_samples, n_classes)
+        ``C(i, c)``; NaN rows are unscored and never counted.
+    trajectory_proba : ndarray of shape (n_samples, n_classes)
+    labels : ndarray of shape (n_samples,)
+        Observed labels as codes ``0..n_classes-1``.
+    memorised : float in [0, 1], default=0.0
+        How far the run memorised flipped labels (:func:`memorised_flips`,
+        as the estimator computes it).
 
     Returns
     -------
@@ -110,14 +177,20 @@ def estimate_issue_count(class_contribution: np.ndarray, trajectory_proba: np.nd
 
     Notes
     -----
-    An upper estimate: the first rule also flags clean samples whose harm to
-    a class they resemble is large (on clean data, a third of the rows), and
-    the second clean samples that the model keeps mispredicting. No rule tried
-    was closer on every benchmark setting (``benchmarks/flag_count.py``).
+    The harm rule alone flags about a third of the rows of clean data (a
+    sample's harm to a class it resembles is often larger than that class's
+    typical help), so it counts only where the run memorised and the trusted
+    rows show that memorising cost accuracy. Where the model keeps confusing
+    some classes (Fashion-MNIST's shirts and pullovers) the prediction rule
+    also counts clean samples it keeps mispredicting. ``benchmarks/flag_count.py``
+    compares this with every other rule tried.
     """
+    if not 0.0 <= memorised <= 1.0:
+        raise ValueError(f"memorised must be in [0, 1], got {memorised!r}.")
     scored = ~np.isnan(np.asarray(class_contribution, dtype=np.float64)).all(axis=1)
-    either = harms_more_than_class_helps(class_contribution, labels) | predicted_other_class(trajectory_proba, labels)
-    return int((either & scored).sum())
+    other = predicted_other_class(trajectory_proba, labels) & scored
+    harmful = harms_more_than_class_helps(class_contribution, labels) & scored & ~other
+    return int(other.sum() + round(memorised * harmful.sum()))
 
 
 def flag_sign_clusters(

@@ -26,7 +26,7 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from .checkpoint import Checkpoints, describe, digest
-from .cleaning import estimate_issue_count, flag_lowest, flag_sign_clusters
+from .cleaning import estimate_issue_count, flag_lowest, flag_sign_clusters, memorised_flips
 from .contribution import (
     Explanation,
     contributions_from_projections,
@@ -557,7 +557,11 @@ class _HydraBase(BaseEstimator):
         )
         issues = np.zeros(n_all, dtype=bool)
         if self.strategy == "drop" and self.drop_fraction == "auto":
-            count = estimate_issue_count(result.class_contribution, result.trajectory_proba, data.y_train)
+            count = estimate_issue_count(result.class_contribution, result.trajectory_proba, data.y_train,
+                                         memorised=memorised_flips(result.trajectory_proba, data.y_train,
+                                                                   result.history["train_accuracy"][-1],
+                                                                   result.history["valid_accuracy"],
+                                                                   len(data.y_val)))
             issues[train_rows] = flag_lowest(quality, count=count)
         elif self.strategy == "drop":
             issues[train_rows] = flag_lowest(quality, self.drop_fraction)
@@ -806,9 +810,11 @@ class HydraLabelCleaner(TransformerMixin, _HydraBase):
         Fraction of training samples flagged by ``strategy="drop"``. With
         ``"auto"``, the number is estimated without knowing the noise rate
         (:func:`hydraclean.cleaning.estimate_issue_count`): the samples that
-        hurt some validation class more than that class's own samples
-        typically help it, or that the model, averaged over the run,
-        predicted as another class. The lowest-scored that many are flagged.
+        the model, averaged over the run, predicted as another class, plus,
+        where the run memorised labels and the validation accuracy fell for
+        it, the samples that hurt some validation class more than that
+        class's own samples typically help it (as far as the run memorised).
+        The lowest-scored that many are flagged.
     n_val_features : int, default=1000
         Validation samples drawn (with ``random_state``) as features for
         ``strategy="cluster"``.

@@ -1,5 +1,6 @@
 """HydraLabelCleaner / HydraSampler: the scikit-learn contract."""
 
+import functools
 import io
 import pickle
 import warnings
@@ -15,7 +16,7 @@ from sklearn.utils._param_validation import InvalidParameterError
 from torch import nn
 
 from hydraclean import ExponentialDecay, HydraLabelCleaner, HydraSampler, scoring
-from hydraclean.cleaning import estimate_issue_count, flag_sign_clusters
+from hydraclean.cleaning import estimate_issue_count, flag_sign_clusters, harms_more_than_class_helps, memorised_flips
 from hydraclean.datasets import load_digits_images, make_label_noise
 from hydraclean.evaluation import detection_metrics
 from hydraclean.models import MLP, SmallCNN
@@ -86,7 +87,9 @@ def test_default_score_and_auto_count_come_from_the_fitted_attributes(flat):
         trajectory_loss=c.trajectory_loss_, trajectory_proba=c.trajectory_proba_,
         trajectory_logit_margin=c.trajectory_logit_margin_, train_accuracy=c.history_["train_accuracy"][-1])
     np.testing.assert_array_equal(c.label_quality_, expected)
-    count = estimate_issue_count(c.class_contribution_, c.trajectory_proba_, codes)
+    memorised = memorised_flips(c.trajectory_proba_, codes, c.history_["train_accuracy"][-1],
+                                c.history_["valid_accuracy"], len(yv))
+    count = estimate_issue_count(c.class_contribution_, c.trajectory_proba_, codes, memorised=memorised)
     assert 0 < c.label_issues_.sum() == count < len(y)
     assert c.label_quality_[c.label_issues_].max() <= c.label_quality_[c.support_].min()
     np.testing.assert_array_equal(c.suggested_label_, c.classes_[np.argmin(c.class_contribution_, axis=1)])
@@ -245,7 +248,6 @@ def test_routed_parameters_follow_the_scikit_learn_contract(flat):
 
 def test_schedulers_run_as_the_user_guide_writes_them(flat):
     """Every way the user guide writes a schedule; the library supplies the run's length."""
-    import functools
 
     from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LinearLR, OneCycleLR, SequentialLR
 
@@ -668,3 +670,23 @@ def test_verbose_shows_progress_and_default_is_silent(flat, capsys):
     HydraLabelCleaner(mlp, verbose=1, max_memory=10_000, **FAST).fit(X, y, X_val=Xv, y_val=yv)
     err = capsys.readouterr().err
     assert "training" in err and "scoring" in err  # no room for them: a pass over the stored weights
+
+
+@pytest.mark.parametrize("recipe", ["cnn", "memorising mlp"])
+def test_auto_count_flags_almost_nothing_on_clean_data(recipe):
+    X, y = load_digits_images()
+    idx = np.random.RandomState(0).permutation(len(y))
+    tr, val = idx[:800], idx[1400:1600]
+    if recipe == "cnn":  # the suite's digits recipe: it learns, and stops short of fitting every label
+        c = HydraLabelCleaner(SmallCNN, max_epochs=15, batch_size=32, lr=0.1, lr_schedule=ExponentialDecay(0.8),
+                              random_state=0)
+    else:  # fits every training label: the harm rule alone flags about a third of the rows here
+        c = HydraLabelCleaner(functools.partial(MLP, 64, 10, hidden=(256,)), max_epochs=60, batch_size=32, lr=0.05,
+                              random_state=0)
+        X = X.reshape(len(X), -1)
+    c.fit(X[tr], y[tr], X_val=X[val], y_val=y[val])
+    codes = np.searchsorted(c.classes_, y[tr])
+    assert c.label_issues_.mean() <= 0.02
+    if recipe != "cnn":
+        assert c.history_["train_accuracy"][-1] == 1.0
+        assert harms_more_than_class_helps(c.class_contribution_, codes).mean() > 0.2

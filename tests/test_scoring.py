@@ -10,7 +10,9 @@ from hydraclean.cleaning import (
     flag_lowest,
     flag_sign_clusters,
     harms_more_than_class_helps,
+    memorised_flips,
     predicted_other_class,
+    validation_fell,
 )
 from hydraclean.contribution import suggest_labels
 
@@ -92,14 +94,36 @@ def test_harms_more_than_class_helps_against_a_loop(arrays):
         assert flags[i] == (-R[i, b] > typical)
 
 
-def test_auto_count_is_the_union_of_both_rules(arrays):
+def test_auto_count_adds_the_harm_rule_as_far_as_the_run_memorised(arrays):
     R, P, y = arrays["class_contribution"], arrays["trajectory_proba"], arrays["labels"]
     other = predicted_other_class(P, y)
     assert np.array_equal(other, np.array([np.argmax(P[i]) != y[i] for i in range(len(y))]))
-    union = harms_more_than_class_helps(R, y) | other
-    assert estimate_issue_count(R, P, y) == union.sum()
+    harm_only = harms_more_than_class_helps(R, y) & ~other
+    assert 0 < harm_only.sum() and 0 < other.sum()
+    assert estimate_issue_count(R, P, y) == other.sum()  # memorised 0: the prediction rule alone
+    assert estimate_issue_count(R, P, y, memorised=1.0) == (other | harm_only).sum()
+    assert estimate_issue_count(R, P, y, memorised=0.5) == other.sum() + round(0.5 * harm_only.sum())
     R[other.argmax()] = np.nan  # an unscored sample is never counted
-    assert estimate_issue_count(R, P, y) == union.sum() - 1
+    assert estimate_issue_count(R, P, y, memorised=1.0) == (other | harm_only).sum() - 1
+    with pytest.raises(ValueError, match="memorised must be in"):
+        estimate_issue_count(R, P, y, memorised=1.5)
+
+
+def test_validation_fell_against_binomial_standard_errors():
+    # best 0.9 on 400 rows: one standard error is 0.015
+    assert validation_fell([0.5, 0.9, 0.869], 400)  # 2.07 SE below the best
+    assert not validation_fell([0.5, 0.9, 0.871], 400)  # 1.93 SE
+    assert not validation_fell([0.5, 0.7, 0.9], 400)  # the last epoch is the best
+    assert not validation_fell([], 400)
+    assert validation_fell([1.0, 0.99], 400)  # no spread at 1.0: any fall counts
+
+
+def test_memorised_flips_is_memorisation_only_where_validation_fell(arrays):
+    P, y = arrays["trajectory_proba"], arrays["labels"]
+    m = scoring.memorisation(trajectory_proba=P, labels=y, train_accuracy=1.0)
+    assert m > 0
+    assert memorised_flips(P, y, 1.0, [0.6, 0.95, 0.80], 200) == m
+    assert memorised_flips(P, y, 1.0, [0.6, 0.95, 0.95], 200) == 0.0
 
 
 def test_flag_lowest_by_count_or_fraction():
