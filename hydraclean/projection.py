@@ -615,7 +615,7 @@ class LayerFactorProjector:
         self.mixing = None
         if ghost is not None:
             self.mixing = ghost.mixing.to(directions.dtype)
-            self.row_factors = self._row_factors(module, modes, constant_stats, ghost)
+            self.row_factors = self._row_factors(modes, constant_stats, ghost)
 
     def capture_at(self, params: dict, xb: torch.Tensor, yb: torch.Tensor) -> dict[int, list]:
         """Every layer's caught entries for the batch at ``params`` (forward under the projector's autocast)."""
@@ -626,12 +626,13 @@ class LayerFactorProjector:
             self.capture.backward(losses.mean())
         return self.capture.take()
 
-    def _row_factors(self, module, modes, constant_stats, ghost: GhostRows, batch_size: int = 64,
+    def _row_factors(self, modes, constant_stats, ghost: GhostRows, batch_size: int = 64,
                      budget: int = ROW_FACTOR_BYTES) -> dict:
         """The validation samples' eval-mode ghost factors ``(u_j, delta_j)`` at ``ghost.model``'s weights,
         for the layers (called once per pass, without dense sums) where the ghost product pays, as long as
         they fit in ``budget`` bytes."""
-        evaluator = private_copy(module, modes, constant_stats).eval()
+        # the trained model itself (its BatchNorms' running statistics are w_T's, not the architecture's)
+        evaluator = private_copy(ghost.model, modes, constant_stats).eval()
         layers = layers_of(evaluator)
         algebras = [p.make(m) for p, m in zip(self.plan, layers)]
         capture = LayerCapture(layers, algebras, mode="projection")
