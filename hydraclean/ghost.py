@@ -53,13 +53,14 @@ class GhostRows:
 
 
 def pays(alg: LayerAlgebra, factors: tuple[torch.Tensor, torch.Tensor], n_rows: int, n_directions: int) -> bool:
-    """Whether the ghost product costs fewer multiply-adds per sample than the layer's own product with
+    """Whether the ghost product takes less time per sample than the layer's own product with
     ``n_directions`` directions, for a layer with ghost ``factors`` ``(u, delta)`` of one sample's shape
-    ``(P, in)``, ``(P, out)`` against ``n_rows`` validation samples."""
+    ``(P, in)``, ``(P, out)`` against ``n_rows`` validation samples: its multiply-adds, weighted by the
+    layer's :attr:`~hydraclean.layers.LayerAlgebra.ghost_penalty`, against the layer's own."""
     u, delta = factors
     positions = u.shape[-2]
     ghost = n_rows * positions**2 * (u.shape[-1] + delta.shape[-1]) + n_rows * n_directions
-    return ghost < alg.cost(n_directions, positions)
+    return alg.ghost_penalty * ghost < alg.cost(n_directions, positions)
 
 
 def ghost_products(alg: LayerAlgebra, factors: tuple[torch.Tensor, torch.Tensor],
