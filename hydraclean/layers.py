@@ -258,7 +258,7 @@ class ConvAlgebra(LayerAlgebra):
     module_types = (nn.Conv1d, nn.Conv2d)
     #: The direct products (one convolution) run about twice as many multiply-adds a second as the ghost
     #: product's matrix products on the unfolded inputs (benchmarks/ghost_choice.py: ResNet-18's 3x3
-    #: convolutions at 2x2 and 1x1 output positions, 100-2000 validation rows, 2 CPU cores)
+    #: convolutions at 2x2 and 1x1 output positions, 100-2000 validation rows, one torch thread)
     ghost_penalty = 2.0
 
     def __init__(self, module, in_dim: int = 0, out_dim: int = 0) -> None:
