@@ -45,6 +45,7 @@ bench-smoke: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/paper.py --smoke --out-dir $(CURDIR)/build/bench-smoke
 	$(BIN)/python benchmarks/summarize.py --dir $(CURDIR)/build/bench-smoke
 	$(BIN)/python benchmarks/flag_count.py --settings tabular-cc tabular-cc-clean --cache $(CURDIR)/build/bench-smoke/flag_count
+	$(BIN)/python benchmarks/selected_direction.py --settings tabular-cc --cache $(CURDIR)/build/bench-smoke/flag_count
 	$(BIN)/python benchmarks/cluster_flags.py --settings digits-sym-0.2 --cache $(CURDIR)/build/bench-smoke/cluster_flags
 	$(BIN)/python benchmarks/one_run_peers.py --smoke --settings digits-sym-0.2 tabular-cc --out $(CURDIR)/build/bench-smoke/one_run_peers.md
 	$(BIN)/python benchmarks/ghost_choice.py --out $(CURDIR)/build/bench-smoke/ghost_choice.md
@@ -78,6 +79,8 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/suite.py --dataset topics --out docs/_generated/suite_topics.md
 	$(BIN)/python benchmarks/suite.py --dataset tabular --out docs/_generated/suite_tabular.md
 	$(BIN)/python benchmarks/flag_count.py --out docs/_generated/flag_count.md
+	$(BIN)/python benchmarks/score_selection.py --out docs/_generated/score_selection.md
+	$(BIN)/python benchmarks/selected_direction.py --out docs/_generated/selected_direction.md
 	$(BIN)/python benchmarks/cluster_flags.py --out docs/_generated/cluster_flags.md
 	$(BIN)/python benchmarks/one_run_peers.py --out docs/_generated/one_run_peers.md
 	$(BIN)/python benchmarks/hessian_detection.py --out docs/_generated/hessian_detection.md
