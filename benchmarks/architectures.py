@@ -21,6 +21,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torchvision
 from settings import ensure_fashion_mnist
@@ -32,7 +33,7 @@ from hydraclean.models import BagOfTokens, TokenTransformer
 from hydraclean.modes import set_modes, training_modes
 from hydraclean.training import plan_trajectory
 
-__all__ = ["BATCH", "EPOCHS", "ROWS", "Row", "auroc", "fit", "n_results", "plain_training"]
+__all__ = ["BATCH", "EPOCHS", "ROWS", "Row", "auroc", "fit", "harm_weight", "n_results", "plain_training"]
 
 BATCH, EPOCHS = 64, 3
 
@@ -128,6 +129,17 @@ def auroc(cleaner: HydraLabelCleaner, data) -> float:
     from sklearn.metrics import roc_auc_score
 
     return float(roc_auc_score(data[4], -cleaner.label_quality_))
+
+
+def harm_weight(cleaner: HydraLabelCleaner, data) -> float:
+    """The run's memorisation ``m`` (hydraclean.scoring.memorisation): the default score's weight on the
+    class-resolved harm, against ``1 - m`` on the margins (at 0 the default reads no hypergradient)."""
+    from hydraclean.scoring import memorisation
+
+    rows = ~cleaner.validation_mask_
+    return memorisation(trajectory_proba=cleaner.trajectory_proba_[rows],
+                        labels=np.searchsorted(cleaner.classes_, data[1]),
+                        train_accuracy=cleaner.history_["train_accuracy"][-1])
 
 
 def n_results(row: Row, data) -> int:

@@ -202,7 +202,7 @@ def architecture_timings(repeats: int, names: list[str]) -> list[dict]:
         fits = ARCHITECTURE_FITS if "ResNet-18, " in name else dict(list(ARCHITECTURE_FITS.items())[:1])
         seconds = {label: [] for label in fits}
         ratios = {label: [] for label in fits}
-        plains, aurocs = [], {}
+        plains, aurocs, weights = [], {}, {}
         for r in range(repeats):
             for label, params in fits.items():
                 t0 = time.perf_counter()
@@ -217,12 +217,14 @@ def architecture_timings(repeats: int, names: list[str]) -> list[dict]:
                 plains += [before, after]
                 ratios[label].append(seconds[label][-1] / ((before + after) / 2))
                 aurocs[label] = arch.auroc(cleaner, data)
+                weights[label] = arch.harm_weight(cleaner, data)
                 print(f"  {name}, {label}, round {r + 1}: {seconds[label][-1]:.1f} s, plain {before:.1f} / "
                       f"{after:.1f} s", file=sys.stderr)
         for label in fits:
             out.append({"row": name, "fit": label, "seconds": float(np.median(seconds[label])),
                         "plain_seconds": float(np.median(plains)), "ratio": float(np.median(ratios[label])),
-                        "rounds": repeats, "auroc": aurocs[label]})
+                        "rounds": repeats, "auroc": aurocs[label],
+                        "harm_weight": weights[label]})
     return out
 
 
@@ -253,10 +255,11 @@ def architectures_main(args) -> None:
              f"Python {platform.python_version()}. {arch.__doc__.split(chr(10) + chr(10))[1]}", "",
              f"### Time ({args.repeats} rounds in one process: median seconds, median of each fit's ratio to the "
              "plain loops just before and after it)", "",
-             "| model | fit | seconds | plain training (s) | ratio to plain training | AUROC (label_quality_) |", "|---|---|---|---|---|---|"]
+             "| model | fit | seconds | plain training (s) | ratio to plain training | AUROC (label_quality_) "
+             "| m (the default's weight on the harm) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['row']} | {r['fit']} | {r['seconds']:.1f} | {r['plain_seconds']:.1f} | {r['ratio']:.2f} "
-                     f"| {r['auroc']:.3f} |")
+                     f"| {r['auroc']:.3f} | {r['harm_weight']:.2f} |")
     budget_mib = parse_bytes(MAX_MEMORY) / 2**20
     lines += ["", "### Peak resident memory of the default fit (fresh process each)", "",
               f"Bound: the plain loop's peak + max_memory ({budget_mib:.0f} MiB) + the N x K results in float64 + "
