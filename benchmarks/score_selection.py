@@ -15,7 +15,6 @@ AUROC is at least AUM's plus 0.01.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -24,9 +23,15 @@ from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from flag_count import HELD_OUT, SELECTION, cached_arrays  # noqa: E402
+from measure import emit  # noqa: E402
 from score_ablation import DEFAULT_SCORE, VARIANTS  # noqa: E402
 
 REFERENCE = "aum"
+
+
+def auroc(noise: np.ndarray, score: np.ndarray) -> float:
+    """AUROC of ``score`` (higher = cleaner) against the noise mask; NaN (unscored) ranks as the lowest score."""
+    return float(roc_auc_score(noise, -np.nan_to_num(score, nan=np.nanmin(score))))
 
 
 def aurocs(arrays: dict[str, dict]) -> dict[str, dict[str, float]]:
@@ -38,8 +43,7 @@ def aurocs(arrays: dict[str, dict]) -> dict[str, dict[str, float]]:
                 scores = {s: np.asarray(fn(a), dtype=np.float64) for s, a in arrays.items()}
         except KeyError:  # reads something a default fit does not give (C(i, j), the final loss, self-influence)
             continue
-        out[name] = {s: float(roc_auc_score(arrays[s]["noise"], -np.nan_to_num(v, nan=np.nanmin(v))))
-                     for s, v in scores.items()}
+        out[name] = {s: auroc(arrays[s]["noise"], v) for s, v in scores.items()}
     return out
 
 
@@ -75,11 +79,7 @@ def main() -> None:
     header = ("Command: `python benchmarks/score_selection.py`, on the default fits of `benchmarks/flag_count.py` "
               f"(noise and model seed 0). AUROC against the noise mask; the default (`{DEFAULT_SCORE}`) in bold; "
               "sorted by the mean over the selection settings.")
-    text = header + "\n\n" + markdown(table, args.settings)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-        Path(args.out).with_suffix(".json").write_text(json.dumps(table, indent=1))
+    emit([header, "", markdown(table, args.settings)], args.out, table)
 
 
 if __name__ == "__main__":

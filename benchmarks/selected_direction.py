@@ -28,15 +28,15 @@ samples that have it):
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from flag_count import HELD_OUT, SELECTION, cached_arrays  # noqa: E402
+from measure import emit  # noqa: E402
+from score_selection import auroc  # noqa: E402
 
 from hydraclean.cleaning import estimate_issue_count, memorised_flips  # noqa: E402
 from hydraclean.scoring import class_harm, memorisation, memorisation_weighted  # noqa: E402
@@ -57,10 +57,6 @@ def selected(R: np.ndarray, labels: np.ndarray, chosen: np.ndarray) -> np.ndarra
     out[rows, labels] = R[rows, labels]
     out[rows, chosen] = R[rows, chosen]
     return out
-
-
-def auroc(noise: np.ndarray, score: np.ndarray) -> float:
-    return float(roc_auc_score(noise, -np.nan_to_num(score, nan=np.nanmin(score))))
 
 
 def count(R: np.ndarray, a: dict) -> int:
@@ -118,11 +114,7 @@ def main() -> None:
               "class (``argmin_c C(i, c) / s_c``) is the run's most likely other class; 2 columns: ``C(i, y_i)`` "
               "and ``C(i, p_i)`` alone."
               + (f" Not fitted here: {', '.join(missing)}." if missing else ""))
-    text = header + "\n\n" + markdown(table)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-        Path(args.out).with_suffix(".json").write_text(json.dumps(table, indent=1))
+    emit([header, "", markdown(table)], args.out, table)
 
 
 if __name__ == "__main__":
