@@ -64,8 +64,9 @@ UNFOLD_LIMIT = 100_000
 #: At most this many (directions x output positions per sample), a convolution's products with ``K``
 #: directions are one convolution of the inputs with the directions (``K`` forward passes' work, nothing
 #: per sample kept); above it, the per-sample gradients times the directions. Measured on 2 CPU cores over
-#: ResNet-18's shapes on 32x32 images: the convolution is 5-20x faster at 1-16 positions and 10 directions,
-#: the gradients 1.7x faster at 64 positions (benchmarks/overhead.py's architecture rows).
+#: ResNet-18's shapes on 32x32 images: the direct products are 5-20x faster at 1-16 positions and 10
+#: directions, the gradients 1.7x faster at 64 positions (benchmarks/overhead.py's architecture rows, and
+#: benchmarks/conv_products.py).
 DIRECT_LIMIT = 256
 
 #: Bytes of a convolution's products with a block of directions formed at once.
@@ -267,6 +268,7 @@ class ConvAlgebra(LayerAlgebra):
         self.bias = module.bias is not None and module.bias.requires_grad
         self.fast = (isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
                      and not isinstance(module.padding, str))
+        self._live: dict[tuple, torch.Tensor | None] = {}  # input size -> rows of the unfolded input read
 
     def gradients(self, saved, deltas):
         a, d = saved, deltas[0]
@@ -294,8 +296,9 @@ class ConvAlgebra(LayerAlgebra):
 
     def apply(self, saved, deltas, V):
         """``<V_k, g_i>``: by the per-sample gradients, or, when a sample's output has few positions, by
-        the convolution of its input with the directions themselves (``sum_p delta_ip . (V_k * x_i)_p``:
-        ``K`` times the layer's forward pass, no per-sample gradient formed)."""
+        the directions applied to the input themselves (``sum_p delta_ip . (V_k * x_i)_p``: ``K`` times the
+        layer's forward pass, no per-sample gradient formed), as a matrix product over the unfolded input
+        (:meth:`_unfolded_products`) for the fast kind, a convolution otherwise."""
         a, d = saved, deltas[0]
         b, k = a.shape[0], V.shape[0]
         positions = d[0, 0].numel()
@@ -303,21 +306,63 @@ class ConvAlgebra(LayerAlgebra):
             return super().apply(saved, deltas, V)
         out = V.new_zeros(b, k)
         if self.weight:
-            m = self.module
-            g, n_out = m.groups, m.out_channels
-            step = max(1, CHUNK_BYTES // max(1, b * n_out * positions * d.element_size()))
-            flat = d.reshape(b, g, n_out // g, positions)
-            for start in range(0, k, step):
-                W = V[start : start + step, : m.weight.numel()]
-                kk = W.shape[0]
-                # output channels grouped as the groups need them: (group, direction, channel of the group)
-                W = W.reshape(kk, g, n_out // g, *m.weight.shape[1:]).transpose(0, 1).reshape(
-                    g * kk * (n_out // g), *m.weight.shape[1:])
-                z = m._conv_forward(a, W, None).reshape(b, g, kk, n_out // g, positions)
-                out[:, start : start + kk] = torch.einsum("bgkop,bgop->bk", z, flat)
+            out += self._unfolded_products(a, d, V) if self.fast else self._convolved_products(a, d, V)
         if self.bias:
             out += d.reshape(b, d.shape[1], -1).sum(2) @ V[:, -self.module.out_channels :].T
         return out
+
+    def _convolved_products(self, a: torch.Tensor, d: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        """The weight's direct products by the layer's own convolution with the directions as its weights
+        (any groups and padding)."""
+        m = self.module
+        b, k = a.shape[0], V.shape[0]
+        g, n_out, positions = m.groups, m.out_channels, d[0, 0].numel()
+        out = V.new_empty(b, k)
+        step = max(1, CHUNK_BYTES // max(1, b * n_out * positions * d.element_size()))
+        flat = d.reshape(b, g, n_out // g, positions)
+        for start in range(0, k, step):
+            W = V[start : start + step, : m.weight.numel()]
+            kk = W.shape[0]
+            # output channels grouped as the groups need them: (group, direction, channel of the group)
+            W = W.reshape(kk, g, n_out // g, *m.weight.shape[1:]).transpose(0, 1).reshape(
+                g * kk * (n_out // g), *m.weight.shape[1:])
+            z = m._conv_forward(a, W, None).reshape(b, g, kk, n_out // g, positions)
+            out[:, start : start + kk] = torch.einsum("bgkop,bgop->bk", z, flat)
+        return out
+
+    def _unfolded_products(self, a: torch.Tensor, d: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        """The direct products as one matrix product per block of directions, ``(K out, in kh kw) x (in kh kw, b
+        P)``, over the unfolded input without its padding-only rows: at a ResNet's 2x2 and 1x1 positions most of
+        a 3x3 kernel's taps read only padding, work a convolution does (benchmarks/conv_products.py)."""
+        m = self.module
+        b, k, n_out = a.shape[0], V.shape[0], m.out_channels
+        u = F.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride)  # (b, in kh kw, P)
+        live = self._live_rows(a)
+        u = u[:, live] if live is not None else u
+        rows, positions = u.shape[1:]
+        U = u.transpose(0, 1).reshape(rows, b * positions)
+        flat = d.reshape(b, n_out, positions)
+        out = V.new_empty(b, k)
+        step = max(1, CHUNK_BYTES // max(1, n_out * b * positions * d.element_size()))
+        for start in range(0, k, step):
+            W = V[start : start + step, : m.weight.numel()]
+            kk = W.shape[0]
+            W = W.reshape(kk * n_out, -1)
+            W = W[:, live] if live is not None else W
+            z = (W @ U).reshape(kk, n_out, b, positions)
+            out[:, start : start + kk] = torch.einsum("kobp,bop->bk", z, flat)
+        return out
+
+    def _live_rows(self, a: torch.Tensor) -> torch.Tensor | None:
+        """The unfolded input's rows (input channel, tap) that some output position reads inside the input, for
+        its spatial size (None when every tap does); by geometry, the same for every batch."""
+        key = tuple(a.shape[2:])
+        if key not in self._live:
+            m = self.module
+            ones = torch.ones(1, 1, *key, dtype=a.dtype, device=a.device)
+            taps = F.unfold(ones, m.kernel_size, m.dilation, m.padding, m.stride)[0].sum(1) > 0
+            self._live[key] = None if bool(taps.all()) else taps.repeat(a.shape[1])
+        return self._live[key]
 
     def _vmapped(self, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         m, weight = self.module, self.module.weight.detach()

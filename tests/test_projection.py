@@ -404,3 +404,32 @@ def test_conv_products_by_convolving_the_directions_equal_per_sample_gradients(c
     direct = k * delta[0, 0].numel() <= layers.DIRECT_LIMIT
     assert direct == (k == 3)
     assert ref.relative_error(alg.apply(a, [delta], V), expected) < 1e-12
+
+
+@pytest.mark.parametrize("side,conv", [
+    (1, nn.Conv2d(3, 5, 3, padding=1)),  # a ResNet's fourth stage: 8 of 9 taps read only padding
+    (2, nn.Conv2d(3, 5, 3, padding=1)),
+    (2, nn.Conv2d(3, 5, 3, stride=2, padding=1)),  # 2x2 -> 1x1: 4 taps read the input
+    (3, nn.Conv2d(3, 5, 3, padding=2, dilation=2, bias=False)),
+    (4, nn.Conv2d(3, 5, (1, 3), padding=(0, 1))),  # every tap reads the input at some position
+])
+def test_unfolded_products_drop_only_the_rows_that_read_padding(side, conv):
+    """The direct products over the unfolded input, without its padding-only rows, equal the convolution's
+    and the per-sample gradients' (float64)."""
+    conv = conv.double()
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 3, side, side, dtype=torch.float64, generator=g)
+    delta = torch.randn_like(conv(a)).detach()
+    alg = ConvAlgebra(conv)
+    V = torch.randn(4, alg.size, dtype=torch.float64, generator=g)
+    params = list(conv.parameters())
+    expected = torch.stack([torch.cat([gr.reshape(-1) for gr in torch.autograd.grad(
+        conv(a[i : i + 1]), params, delta[i : i + 1])]) for i in range(6)]) @ V.T
+    assert alg.fast
+    assert ref.relative_error(alg.apply(a, [delta], V), expected) < 1e-12
+    weight_only = V[:, : conv.weight.numel()]
+    assert ref.relative_error(alg._unfolded_products(a, delta, weight_only),
+                              alg._convolved_products(a, delta, weight_only)) < 1e-12
+    live = alg._live_rows(a)
+    if side == 1:
+        assert int(live.sum()) == 3  # the centre tap of each input channel
