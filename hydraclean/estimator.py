@@ -906,15 +906,21 @@ class HydraLabelCleaner(TransformerMixin, _HydraBase):
     max_memory : int or str, default="1GB"
         Bytes (or a string such as ``"512MB"``, ``"2GiB"``) on ``device`` for
         what scoring keeps from the training run, so that it never re-runs
-        the optimizer: the layer factors of every step when the module is
-        made of Linear and Conv2d layers and they fit, else the weights of
-        every step. When those do not fit either, checkpoints every few steps
-        are kept and the steps between them recomputed, or, with
-        ``spill_dir``, the weights go to disk. ``hessian="exact"`` does not
-        use it.
+        the optimizer: the layer factors of every step when the module's
+        layers have them (user guide, "Architectures") and they fit; else,
+        under SGD, each step's layer inputs and output gradients as the
+        training steps caught them; else every step's gradient. When those do
+        not fit either, checkpoints every few steps are kept and scoring
+        recomputes the steps between them (about one more training run), or,
+        with ``spill_dir``, they go to disk.
     spill_dir : str or path-like, default=None
-        Directory for a temporary memory-mapped file of the run's gradients
-        when they do not fit in ``max_memory`` (deleted after scoring).
+        Directory for temporary files of what scoring keeps from the run when
+        it does not fit in ``max_memory``: under SGD, each step's layer inputs
+        and output gradients (one file a step), else a memory-mapped file of
+        the run's gradients; deleted after scoring. It spares scoring the
+        recomputation from checkpoints (about one training run) at the price
+        of disk, which grows with samples x epochs (the user guide's
+        "Architectures" measures both for ResNet-18).
     checkpoint_dir : str or path-like, default=None
         Folder where the fit saves everything needed to continue, at the end
         of every epoch, when interrupted (Ctrl-C finishes the step under way,

@@ -33,6 +33,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,6 +53,7 @@ from .run_store import RunStore
 from .training import Step, Trajectory, autocast, step_rng
 
 __all__ = [
+    "CapturedRun",
     "FunctionalProjector",
     "LayerCapture",
     "LayerFactorProjector",
@@ -397,6 +401,9 @@ class LayerPlan:
         output gradients, when the inputs are the same in every epoch).
     out_shape : tuple
         One sample's output shape.
+    kept_bytes : float
+        What :class:`CapturedRun` keeps of the layer per sample and step (all
+        its calls), measured on the probe batch.
     """
 
     algebra: type
@@ -407,6 +414,7 @@ class LayerPlan:
     factors: list | None
     reads_inputs: bool
     out_shape: tuple
+    kept_bytes: float = 0.0
 
     def make(self, layer: nn.Module) -> LayerAlgebra:
         return self.algebra(layer, self.in_dim, self.out_dim)
@@ -489,6 +497,7 @@ def probe_layers(module: nn.Module, criterion: nn.Module, x: torch.Tensor, y: to
             for entry in captured.get(k, []):
                 deltas = _deltas(alg, entry, n)
                 got += alg.apply(entry["saved"], deltas, V[:, cols])
+                plan.kept_bytes += _nbytes(_kept(alg, entry["saved"], deltas)) / n
                 if alg.factored and plan.calls == 1:
                     plan.factors = [(tuple(f.shape[1:]), f.dtype) for f in alg.factors(entry["saved"], deltas)]
         expected = _brute_products(model, criterion, params, x[:n].clone(), yb, V)
@@ -687,14 +696,28 @@ class LayerFactorProjector:
                      directions: torch.Tensor | None = None, algebras: list[LayerAlgebra] | None = None) -> None:
         """:meth:`add` from entries already caught (a recomputed step's own passes), by the algebras that
         caught them (the projector's own by default)."""
+        algebras = algebras or self.algebras
+        b = idx.shape[0]
+        self.add_kept({k: [(entry["saved"], _deltas(algebras[k], entry, b)) for entry in entries]
+                       for k, entries in captured.items()}, idx, weight, directions, algebras)
+
+    def add_kept(self, kept: dict[int, list], idx: torch.Tensor, weight: float,
+                 directions: torch.Tensor | None = None, algebras: list[LayerAlgebra] | None = None) -> None:
+        """:meth:`add_captured` from what :class:`CapturedRun` kept of each call of a layer: ``(saved,
+        deltas)`` (each sample's own output gradients, batch first) or the per-sample gradients, (b, size)."""
         own = directions is None
         V = self.directions if own else directions
         d = V.new_zeros(idx.shape[0], V.shape[0])
-        b = idx.shape[0]
         for k, (alg, cols) in enumerate(zip(algebras or self.algebras, self.columns)):
-            for entry in captured.get(k, []):  # in the directions' dtype, also under autocast
-                saved = _cast(entry["saved"], V.dtype)
-                deltas = [delta.to(V.dtype) for delta in _deltas(alg, entry, b)]
+            for item in kept.get(k, []):  # in the directions' dtype, also under autocast
+                if isinstance(item, torch.Tensor):
+                    if own and k in self.sums:
+                        self.sums[k].index_add_(0, idx, item.to(V.dtype), alpha=weight)
+                    else:
+                        d += item.to(V.dtype) @ V[:, cols].T
+                    continue
+                saved = _cast(item[0], V.dtype)
+                deltas = [delta.to(V.dtype) for delta in item[1]]
                 if own and k in self.sums:
                     for rows, g in alg.chunks(saved, deltas):
                         self.sums[k].index_add_(0, idx[rows], g.to(V.dtype), alpha=weight)
@@ -1091,6 +1114,181 @@ class StepFactors(_StepFactorsBase):
     def close(self) -> None:
         self.dense, self.factors, self.index = {}, {}, None
         self.store.close()
+
+
+class CapturedRun(_StepFactorsBase):
+    """What every training step's own passes caught, kept as caught, for a linear rule (SGD): no second walk.
+
+    For a model whose layers need more than ``N x p_layer`` sums
+    (:class:`TrainingFactors` does not fit: a ResNet's convolutions) the
+    stored run (:class:`hydraclean.routes.StoredRun`) walks the run again to
+    recompute each step's layer inputs and output gradients, a forward and a
+    backward pass per step. This route keeps them from the training run instead
+    (each layer call's input and each sample's own output gradients, or its
+    per-sample gradients where those are smaller: a normalisation layer's
+    affine weights), and :meth:`project` feeds them to
+    :meth:`LayerFactorProjector.add_kept`: the same products as the walk's,
+    from the same tensors (bit for bit on CPU), with no pass over the model.
+    They stay in memory when they fit in ``max_memory``, else, with
+    ``spill_dir``, one file per step there (deleted by :meth:`close`).
+
+    Build with :meth:`plan`; pass as the ``recorder`` of
+    :func:`hydraclean.training.train`.
+
+    Attributes
+    ----------
+    location : {"memory", "disk"}
+    nbytes : int
+        Bytes held in memory (estimated from the probe batch; 0 on disk).
+    disk_bytes : int
+        Bytes written to ``spill_dir`` (estimated; 0 in memory).
+    """
+
+    def __init__(self, module, criterion, plan, trajectory, constant_stats: bool, nbytes: int,
+                 spill_dir=None, accumulate_bytes: int = 0) -> None:
+        super().__init__(module, criterion, plan, trajectory, constant_stats)
+        from .hypergradient import step_weights
+
+        self.weights = step_weights(trajectory)
+        self.location = "memory" if spill_dir is None else "disk"
+        self.nbytes, self.disk_bytes = (nbytes, 0) if spill_dir is None else (0, nbytes)
+        self.accumulate_bytes = accumulate_bytes
+        self._dir = None if spill_dir is None else tempfile.TemporaryDirectory(prefix="hydraclean-steps-",
+                                                                              dir=spill_dir)
+        self._steps: dict[int, tuple] = {}  # t -> (idx, kept layers) in memory
+        #: with the batch statistics held constant, the training step's graph serves a second backward pass
+        self.second_pass = constant_stats
+
+    def attach(self, model: nn.Module) -> None:
+        """Hooks on the training model; with the batch statistics held constant, a
+        :class:`ConstantStatisticsCapture` whose second backward pass each step runs (no pass of its own)."""
+        if not self.constant_stats:
+            super().attach(model)
+            return
+        layers = layers_of(model)
+        self.algebras = [p.make(m) for p, m in zip(self.plan, layers)]
+        self.capture = ConstantStatisticsCapture(layers, self.algebras)
+        self.capture.attach(model)
+
+    def inputs(self, xb: torch.Tensor) -> torch.Tensor:
+        return self.capture.inputs(xb)
+
+    def after_step(self, loss: torch.Tensor, xb: torch.Tensor, params: list[torch.Tensor]) -> None:
+        self.capture.after_step(loss, xb, params)
+
+    @classmethod
+    def plan(cls, module: nn.Module, criterion: nn.Module, trajectory: Trajectory, layer_plan: list[LayerPlan],
+             max_memory: int, spill_dir=None, constant_stats: bool = False, reserve: int = 0) -> CapturedRun | None:
+        """The recorder for a linear rule in one process, kept in memory when what every step keeps
+        (:attr:`LayerPlan.kept_bytes`, from the probe) fits in ``max_memory - reserve``, else in ``spill_dir``;
+        None without."""
+        if not trajectory.rule.linear or trajectory.shard is not None:
+            return None
+        per_row = sum(p.kept_bytes for p in layer_plan) + 8  # and its sample's index
+        nbytes = int(per_row * int(_local_sizes(trajectory).sum()))
+        if nbytes <= max_memory - reserve:
+            return cls(module, criterion, layer_plan, trajectory, constant_stats, nbytes, None,
+                       max_memory - reserve - nbytes)
+        if spill_dir is None:
+            return None
+        free = shutil.disk_usage(spill_dir).free
+        if free < nbytes:
+            raise ValueError(
+                f"Scoring would keep about {nbytes / 1e9:.1f} GB of the run's layer entries in spill_dir="
+                f"{str(spill_dir)!r}, which has {free / 1e9:.1f} GB free. Free disk space there, pass another "
+                "spill_dir, or spill_dir=None (scoring then recomputes the steps from checkpoints: slower)."
+            )
+        return cls(module, criterion, layer_plan, trajectory, constant_stats, nbytes, spill_dir,
+                   max(0, max_memory - reserve))
+
+    def record(self, step: Step) -> None:
+        """Keep what the step's passes caught, each layer call's own (the run's tensors, not copies)."""
+        b = step.idx.shape[0]
+        kept = {k: [_kept(self.algebras[k], entry["saved"], _deltas(self.algebras[k], entry, b)) for entry in entries]
+                for k, entries in self._entries(step).items()}
+        if self._dir is None:
+            self._steps[step.t] = (step.idx.clone(), kept)
+        else:  # one file a step, tensors cloned so that none drags a larger storage along
+            torch.save((step.idx.clone(), _map_tensors(kept, torch.clone)), self._path(step.t))
+
+    def _path(self, t: int) -> str:
+        return os.path.join(self._dir.name, f"step-{t}.pt")
+
+    def _load(self, t: int) -> tuple:
+        if self._dir is None:
+            return self._steps[t]
+        return torch.load(self._path(t), map_location=self.device, mmap=self.device.type == "cpu",
+                          weights_only=True)
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self._params.values())).device
+
+    def finish(self) -> None:
+        """Nothing to complete after training."""
+
+    def state_dict(self) -> dict:
+        return {"steps": {t: self._load(t) for t in range(self.trajectory.n_steps) if self._has(t)}}
+
+    def _has(self, t: int) -> bool:
+        return t in self._steps if self._dir is None else os.path.exists(self._path(t))
+
+    def load_state_dict(self, state: dict) -> None:
+        for t, (idx, kept) in state["steps"].items():
+            if self._dir is None:
+                self._steps[t] = (idx.to(self.device), _map_tensors(kept, lambda x: x.to(self.device)))
+            else:
+                torch.save((idx, kept), self._path(t))
+
+    def project(self, directions: torch.Tensor, ghost: GhostRows | None = None, progress=None) -> torch.Tensor:
+        """``P[i, k] = <V_k, nabla_{T,i}>`` for every sample, shape (N, K): the kept steps' products, the
+        walk's own (:class:`LayerFactorProjector`, ghost products where they cost less)."""
+        traj = self.trajectory
+        projector = LayerFactorProjector(self.module, self.criterion, directions, traj.n_samples, self.plan, ghost,
+                                         self.accumulate_bytes, self.autocast, traj.train_modes, self.constant_stats)
+        steps = range(traj.n_steps)
+        for t in (steps if progress is None else progress(steps, "scoring", traj.n_steps)):
+            idx, kept = self._load(t)
+            projector.add_kept(kept, idx, float(self.weights[t]), algebras=self.algebras)
+        return projector.result()
+
+    def close(self) -> None:
+        """Free what is kept (and delete the files)."""
+        self._steps = {}
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
+
+
+def _kept(alg: LayerAlgebra, saved, deltas: list[torch.Tensor]):
+    """What :class:`CapturedRun` keeps of one layer call: its per-sample gradients (b, size) when they are
+    smaller than the call's saved inputs and (each sample's own) output gradients, else ``(saved, deltas)``."""
+    if alg.dense and alg.size * deltas[0].shape[0] < sum(t.numel() for t in _tensors((saved, deltas))):
+        dtype = alg.params[0].dtype  # the weights', also under autocast (as the products are taken)
+        return torch.cat([g for _, g in alg.chunks(_cast(saved, dtype), [d.to(dtype) for d in deltas])])
+    return saved, deltas
+
+
+def _tensors(obj) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [t for o in obj for t in _tensors(o)]
+    return []
+
+
+def _nbytes(obj) -> int:
+    return sum(t.numel() * t.element_size() for t in _tensors(obj))
+
+
+def _map_tensors(obj, fn):
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_map_tensors(o, fn) for o in obj)
+    return obj
 
 
 def _cast(saved, dtype: torch.dtype):

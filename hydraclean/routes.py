@@ -1,4 +1,4 @@
-"""What scoring keeps from the training run, and how it projects: one protocol, three routes.
+"""What scoring keeps from the training run, and how it projects: one protocol, four routes.
 
 Every route is a :class:`hydraclean.training.Recorder` handed to the training
 run, then asked for the projections of the run's hypergradients on the
@@ -15,11 +15,16 @@ The routes (the choice is :func:`plan_route`'s):
 - :class:`hydraclean.projection.TrainingFactors`: Hessian-free, linear rule
   (SGD), a model of Linear and Conv2d layers: each step's layer factors,
   weighted by scalars known before training and summed as the run goes;
+- :class:`hydraclean.projection.CapturedRun`: the same, when those sums do
+  not fit (a ResNet's convolutions): each step's layer inputs and output
+  gradients as the training run caught them, in memory or, with
+  ``spill_dir``, on disk, multiplied by the directions after training, with
+  no second pass over the model;
 - :class:`hydraclean.projection.StepFactors`: Hessian-free, any other
   (elementwise) rule (Adam, AdamW), the same models: each step's layer factors
   and gradient, then one backward sweep of the update rule;
-- :class:`StoredRun`: everything else (``hessian="exact"``, BatchNorm, other
-  layers, or when the factors do not fit): every step's gradient, then a walk
+- :class:`StoredRun`: everything else (``hessian="exact"``, the functional
+  route, or when none of the above fits): every step's gradient, then a walk
   over the run at its recorded weights.
 """
 
@@ -36,6 +41,7 @@ from .gradients import PerSampleLoss, parameter_dict, unflatten
 from .hypergradient import exact_projections, free_factors, step_weights
 from .modes import training_modes
 from .projection import (
+    CapturedRun,
     LayerFactorProjector,
     StepFactors,
     TrainingFactors,
@@ -122,6 +128,9 @@ def plan_route(module: nn.Module, criterion: nn.Module, X: Inputs, y: torch.Tens
         if plan is not None and trajectory.rule.linear:
             route = TrainingFactors.plan(module, criterion, None, None, trajectory, step_weights(trajectory),
                                          max_memory, data, constant, layer_plan=plan)
+            if route is None:
+                route = CapturedRun.plan(module, criterion, trajectory, plan, max_memory, spill_dir, constant,
+                                         reserve)
         elif plan is not None:
             route = StepFactors.plan(module, criterion, None, None, trajectory, max_memory, constant, layer_plan=plan)
         if route is not None:

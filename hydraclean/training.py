@@ -233,6 +233,12 @@ class Recorder(Protocol):
     copy what they keep of its tensors: the run updates ``w``, the state and
     ``g`` in place for the next step.
     :meth:`state_dict` and :meth:`load_state_dict` serve checkpoints only.
+
+    A recorder whose ``second_pass`` attribute is True runs a backward pass of
+    its own through each step's graph (kept for it): the step reads its
+    inputs as ``recorder.inputs(xb)`` and, after its gradient, calls
+    ``recorder.after_step(loss, inputs, params)``
+    (:class:`hydraclean.projection.ConstantStatisticsCapture`'s protocol).
     """
 
     def attach(self, model: nn.Module) -> None: ...
@@ -447,11 +453,16 @@ def run_training(
         steps = iter(progress(steps, desc, trajectory.n_steps - start))
     if recorder is not None:
         recorder.attach(model)
+    second_pass = getattr(recorder, "second_pass", False)
     try:
         with checkpoint.interruptible() if checkpoint is not None else contextlib.nullcontext():
             for t, idx, xb in steps:
                 yb = y[idx]
-                logits, losses, loss, g = advance(model, params, criterion, trajectory, t, xb, yb, out=g_buffer)
+                x_in = recorder.inputs(xb) if second_pass else xb
+                logits, losses, loss, g = advance(model, params, criterion, trajectory, t, x_in, yb,
+                                                  retain_graph=second_pass, out=g_buffer)
+                if second_pass:
+                    recorder.after_step(loss, x_in, params)
                 if recorder is not None:
                     recorder.record(Step(t, idx, xb, yb, w, state, g))
                 step_in_place(rule, w, state, g, t + 1, trajectory.hyper_at(t))

@@ -246,3 +246,89 @@ def test_a_capture_with_a_second_pass_leaves_the_recomputed_gradients_bit_for_bi
     assert store.location == "checkpoints"
     for step in steps:
         assert torch.equal(step.g, visits.steps[step.t].g) and step.captured
+
+
+def group_norm_net():
+    torch.manual_seed(0)
+    # the second convolution has more weights than a sample's input and output gradients: summed per-sample
+    # gradients (TrainingFactors) take more memory than what the steps caught
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.ReLU(), nn.Conv2d(4, 32, 3),
+                         nn.Flatten(), nn.Linear(32, 3)).double()
+
+
+def captured_setup(make):
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(10, 1, 5, 5, generator=g, dtype=torch.float64), torch.arange(10) % 3
+    def traj():
+        return plan_trajectory(10, batch_size=4, max_epochs=2, lr=0.1, momentum=0.9, weight_decay=0.01, seed=0)
+    V = torch.randn(3, sum(p.numel() for p in make().parameters()), generator=g, dtype=torch.float64)
+    return X, y, traj, V
+
+
+@pytest.mark.parametrize("where", ["memory", "disk"])
+def test_a_captured_run_gives_the_plain_recurrences_hypergradients(where, tmp_path):
+    """The training run's own layer entries, kept and multiplied by the directions afterwards: the Hessian-free
+    hypergradients of the per-sample recurrence (float64), from memory or from one file a step on disk."""
+    from hydraclean.projection import CapturedRun, probe_layers
+    from hydraclean.routes import plan_route
+
+    X, y, traj, V = captured_setup(group_norm_net)
+    module = group_norm_net()
+    plan = probe_layers(module, CE, X[:5], y[:5])
+    spill = str(tmp_path) if where == "disk" else None
+    route = CapturedRun.plan(module, CE, traj(), plan, 10**9 if spill is None else 100, spill)
+    assert route.location == where
+    # where the summed per-sample gradients do not fit and what the steps caught does, it is the route
+    chosen = plan_route(module, CE, X, y, traj(), max_memory=route.nbytes + 100, spill_dir=spill)
+    assert type(chosen).__name__ == "CapturedRun"
+    chosen.close()
+    half = CapturedRun.plan(module, CE, traj(), plan, 10**9 if spill is None else 100, spill)
+    train(module, X, y, CE, route.trajectory, recorder=route)
+    if where == "disk":
+        assert len(list(tmp_path.glob("hydraclean-steps-*/step-*.pt"))) == route.trajectory.n_steps
+    half.load_state_dict(route.state_dict())  # a checkpoint's round trip keeps every step
+    _, nabla, _ = ref.free_recurrence(group_norm_net(), X, y, X[:3], y[:3], traj(), CE)
+    for r in (route, half):
+        assert ref.relative_error(r.project(V), nabla @ V.T) < 1e-12
+        r.close()
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_captured_batchnorm_run_equals_the_walk_that_recomputes_it():
+    """BatchNorm in train mode, its statistics held constant: what the training steps caught, kept, gives the
+    stored run's projections (its walk recomputes every step from checkpoints), float64."""
+    from hydraclean.projection import CapturedRun, probe_layers
+    from hydraclean.routes import StoredRun
+
+    make = lambda: ref.tiny_bn_cnn().double()  # noqa: E731
+    X, y, traj, V = captured_setup(make)
+    module = make()
+    plan = probe_layers(module, CE, X[:5], y[:5], constant_stats=True)
+    captured = CapturedRun.plan(module, CE, traj(), plan, 10**9, constant_stats=True)
+    n_params = V.shape[1]
+    stored = StoredRun(module, CE, traj(), X, y, exact=False, max_memory=4 * n_params * 8 + 1, plan=plan,
+                       constant_stats=True)
+    assert stored.store.location == "checkpoints"
+    projections, trained = [], []
+    for route in (captured, stored):
+        trained.append(train(module, X, y, CE, route.trajectory, recorder=route)[0])
+        projections.append(route.project(V))
+        route.close()
+    assert ref.relative_error(*projections) < 1e-12
+    # the training steps' graphs served the second backward pass: the run is the plain one, bit for bit
+    plain = train(module, X, y, CE, traj())[0]
+    for p, q in zip(trained[0].state_dict().values(), plain.state_dict().values()):
+        assert torch.equal(p, q)
+
+
+def test_a_captured_run_refuses_a_spill_dir_without_room_naming_the_fix(monkeypatch, tmp_path):
+    import shutil
+
+    from hydraclean.projection import CapturedRun, probe_layers
+
+    X, y, traj, _ = captured_setup(group_norm_net)
+    module = group_norm_net()
+    plan = probe_layers(module, CE, X[:5], y[:5])
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 10))
+    with pytest.raises(ValueError, match="spill_dir=None"):
+        CapturedRun.plan(module, CE, traj(), plan, 100, str(tmp_path))
