@@ -45,7 +45,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .gradients import PerSampleLoss, directional_derivatives, parameter_dict
-from .hypergradient import free_factors
+from .hypergradient import free_factors, step_weights
 from .ghost import GhostRows, ghost_products, pays
 from .layers import CHUNK_BYTES, ConvAlgebra, LayerAlgebra, algebra_for, column_ranges, layers_of
 from .modes import set_modes, training_modes
@@ -1147,8 +1147,6 @@ class CapturedRun(_StepFactorsBase):
     def __init__(self, module, criterion, plan, trajectory, constant_stats: bool, nbytes: int,
                  spill_dir=None, accumulate_bytes: int = 0) -> None:
         super().__init__(module, criterion, plan, trajectory, constant_stats)
-        from .hypergradient import step_weights
-
         self.weights = step_weights(trajectory)
         self.location = "memory" if spill_dir is None else "disk"
         self.nbytes, self.disk_bytes = (nbytes, 0) if spill_dir is None else (0, nbytes)
