@@ -48,7 +48,7 @@ bench-smoke: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/selected_direction.py --settings tabular-cc --cache $(CURDIR)/build/bench-smoke/flag_count
 	$(BIN)/python benchmarks/cluster_flags.py --settings digits-sym-0.2 --cache $(CURDIR)/build/bench-smoke/cluster_flags
 	$(BIN)/python benchmarks/one_run_peers.py --smoke --settings digits-sym-0.2 tabular-cc --out $(CURDIR)/build/bench-smoke/one_run_peers.md
-	$(BIN)/python benchmarks/ghost_choice.py --out $(CURDIR)/build/bench-smoke/ghost_choice.md
+	$(BIN)/python benchmarks/ghost_choice.py --smoke --out $(CURDIR)/build/bench-smoke/ghost_choice.md
 
 # On a CUDA machine: GPU scoring against float64 on the CPU (tests/test_cuda.py), then the cost on full
 # Fashion-MNIST with LeNet-5 and DenseNet-BC-40 (docs/benchmarks.md, "On a GPU"), then the data-parallel

@@ -12,7 +12,7 @@ and without it (1.0). One torch thread, median of 5 calls after one warm-up, see
 1,000 images, with the penalty and without it, alternating, N rounds in one process (the scores agree to
 float32 rounding; only the time differs).
 
-    python benchmarks/ghost_choice.py [--fits 2] [--out docs/_generated/ghost_choice.md]
+    python benchmarks/ghost_choice.py [--fits 2] [--smoke] [--out docs/_generated/ghost_choice.md]
 """
 
 from __future__ import annotations
@@ -50,13 +50,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None)
     parser.add_argument("--fits", type=int, default=0, help="rounds of the ResNet-18 fit, with and without")
+    parser.add_argument("--smoke", action="store_true", help="the first two shapes against 100 rows, one call each")
     args = parser.parse_args()
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
+    shapes, row_counts, repeats = (SHAPES[:2], ROWS[:1], 1) if args.smoke else (SHAPES, ROWS, 5)
     lines = [
         f"Command: `python benchmarks/ghost_choice.py`. Machine: {platform.machine()}, 1 torch thread, torch "
         f"{torch.__version__}. A batch of {BATCH} training samples, {K} class directions; milliseconds per "
-        "batch (median of 5). *picks*: what `pays` chooses with the convolution's ghost_penalty "
+        f"batch (median of {repeats}). *picks*: what `pays` chooses with the convolution's ghost_penalty "
         f"({ConvAlgebra.ghost_penalty}) and without it (1.0); ✓ where that is the faster one.",
         "",
         "| convolution | output positions | validation rows | ghost ms | own product ms | by convolution ms | "
@@ -64,7 +66,7 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|",
     ]
     right = {True: 0, False: 0}
-    for c_in, c_out, side, stride in SHAPES:
+    for c_in, c_out, side, stride in shapes:
         conv = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
         alg = ConvAlgebra(conv)
         out_side = conv(torch.zeros(1, c_in, side, side)).shape[-1]
@@ -73,13 +75,13 @@ def main() -> None:
         V = torch.randn(K, conv.weight.numel(), generator=gen)
         factors = alg.ghost_factors(a, [d])
         one = (factors[0][0], factors[1][0])
-        own = median_ms(lambda: alg.apply(a, [d], V))
-        convolved = median_ms(lambda: alg._convolved_products(a, d, V))
-        for n in ROWS:
+        own = median_ms(lambda: alg.apply(a, [d], V), repeats)
+        convolved = median_ms(lambda: alg._convolved_products(a, d, V), repeats)
+        for n in row_counts:
             rows = alg.ghost_factors(torch.randn(n, c_in, side, side, generator=gen),
                                      [torch.randn(n, c_out, out_side, out_side, generator=gen)])
             mixing = torch.randn(K, n, generator=gen)
-            ghost = median_ms(lambda: ghost_products(alg, alg.ghost_factors(a, [d]), rows, mixing))
+            ghost = median_ms(lambda: ghost_products(alg, alg.ghost_factors(a, [d]), rows, mixing), repeats)
             faster = ghost < own
             cells = []
             for penalty in (ConvAlgebra.ghost_penalty, 1.0):
@@ -90,7 +92,7 @@ def main() -> None:
             del alg.ghost_penalty
             lines.append(f"| {c_in}->{c_out}, stride {stride} | {out_side}x{out_side} | {n} | {ghost:.1f} | "
                          f"{own:.1f} | {convolved:.1f} | {cells[0]} | {cells[1]} |")
-    total = len(SHAPES) * len(ROWS)
+    total = len(shapes) * len(row_counts)
     lines += ["", f"The faster product picked: {right[False]} of {total} with the penalty, {right[True]} of {total} "
               "without it."]
     if args.fits:
