@@ -227,7 +227,7 @@ def main() -> None:
         args.seeds = 1
         names = args.settings or ["digits-sym-0.2", "digits-pairs", "digits-cc", "digits-memorise",
                                   "digits-memorise-perm", "digits-instance", "digits-adamw-sym-0.4",
-                                  "digits-resnet-sym-0.4", "fashion-pairs", "fashion-cc", "fashion-instance",
+                                  "digits-resnet-sym-0.4", "fashion-instance",
                                   "topics-sym-0.2", "topics-bag-sym-0.4", "tabular-cc"]
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore", UserWarning)
