@@ -1291,8 +1291,4 @@ def _map_tensors(obj, fn):
 
 def _cast(saved, dtype: torch.dtype):
     """Floating tensors of ``saved`` in ``dtype`` (autocast's low-precision inputs, for the products)."""
-    if isinstance(saved, torch.Tensor):
-        return saved.to(dtype) if saved.is_floating_point() else saved
-    if isinstance(saved, (tuple, list)):
-        return type(saved)(_cast(s, dtype) for s in saved)
-    return saved
+    return _map_tensors(saved, lambda t: t.to(dtype) if t.is_floating_point() else t)
