@@ -49,6 +49,7 @@ bench-smoke: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/cluster_flags.py --settings digits-sym-0.2 --cache $(CURDIR)/build/bench-smoke/cluster_flags
 	$(BIN)/python benchmarks/one_run_peers.py --smoke --settings digits-sym-0.2 tabular-cc --out $(CURDIR)/build/bench-smoke/one_run_peers.md
 	$(BIN)/python benchmarks/ghost_choice.py --smoke --out $(CURDIR)/build/bench-smoke/ghost_choice.md
+	$(BIN)/python benchmarks/conv_products.py --smoke --out $(CURDIR)/build/bench-smoke/conv_products.md
 
 # On a CUDA machine: GPU scoring against float64 on the CPU (tests/test_cuda.py), then the cost on full
 # Fashion-MNIST with LeNet-5 and DenseNet-BC-40 (docs/benchmarks.md, "On a GPU"), then the data-parallel
@@ -68,6 +69,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/overhead.py --architectures --repeats 2 --skip frozen EmbeddingBag Transformer \
 		--out docs/_generated/overhead_resnet.md
 	$(BIN)/python benchmarks/ghost_choice.py --out docs/_generated/ghost_choice.md
+	$(BIN)/python benchmarks/conv_products.py --fits 2 --out docs/_generated/conv_products.md
 	$(BIN)/python benchmarks/batchnorm_route.py --out docs/_generated/batchnorm_route.md
 	$(BIN)/python benchmarks/batchnorm_constant.py --out docs/_generated/batchnorm_constant.md
 	$(BIN)/python benchmarks/autocast_effect.py --out docs/_generated/autocast.md

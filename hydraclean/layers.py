@@ -62,15 +62,21 @@ __all__ = [
 UNFOLD_LIMIT = 100_000
 
 #: At most this many (directions x output positions per sample), a convolution's products with ``K``
-#: directions are one convolution of the inputs with the directions (``K`` forward passes' work, nothing
-#: per sample kept); above it, the per-sample gradients times the directions. Measured on 2 CPU cores over
-#: ResNet-18's shapes on 32x32 images: the direct products are 5-20x faster at 1-16 positions and 10
-#: directions, the gradients 1.7x faster at 64 positions (benchmarks/overhead.py's architecture rows, and
-#: benchmarks/conv_products.py).
-DIRECT_LIMIT = 256
+#: directions are one matrix product of the directions with the unfolded inputs (``K`` forward passes' work,
+#: nothing per sample kept); above it, the per-sample gradients (in blocks of :data:`GRADIENT_CHUNK_BYTES`)
+#: times the directions. Measured on one CPU thread over ResNet-18's convolutions on 32x32 images with 1-11
+#: directions (benchmarks/conv_products.py, docs/_generated/conv_products.md): the direct products win at
+#: ``K x P`` up to 44 by 1.3-25x, the per-sample gradients at 128 and more by 1.4-14x; at 64 the two are
+#: within the timings' noise. 1x1 convolutions (a few milliseconds either way) are the exception.
+DIRECT_LIMIT = 48
 
 #: Bytes of a convolution's products with a block of directions formed at once.
 CHUNK_BYTES = 64 * 2**20
+
+#: Bytes of per-sample gradients formed at once (:meth:`LayerAlgebra.chunks`): a block that stays in the
+#: CPU's cache while the directions read it. On ResNet-18's 4x4 convolutions 1-2 MiB blocks were 1.5-2x
+#: faster than 16-64 MiB ones (benchmarks/conv_products.py).
+GRADIENT_CHUNK_BYTES = 2 * 2**20
 
 
 class LayerAlgebra:
@@ -177,9 +183,10 @@ class LayerAlgebra:
         return out
 
     def chunks(self, saved, deltas: list[torch.Tensor]):
-        """Per-sample gradients in blocks of samples of at most :data:`CHUNK_BYTES`: ``(rows, gradients)``."""
+        """Per-sample gradients in blocks of samples of at most :data:`GRADIENT_CHUNK_BYTES`: ``(rows,
+        gradients)``."""
         b = deltas[0].shape[0]
-        step = max(1, CHUNK_BYTES // max(1, self.size * deltas[0].element_size()))
+        step = max(1, GRADIENT_CHUNK_BYTES // max(1, self.size * deltas[0].element_size()))
         for start in range(0, b, step):
             rows = slice(start, start + step)
             yield rows, self.gradients(_rows(saved, rows), [d[rows] for d in deltas])
