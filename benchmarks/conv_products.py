@@ -27,12 +27,12 @@ import argparse
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
 
+from measure import emit, median_ms  # noqa: I001  (benchmarks/ is on sys.path when run as a script)
 from hydraclean import layers
 from hydraclean.layers import ConvAlgebra, LayerAlgebra
 
@@ -41,16 +41,6 @@ DIRECTIONS = [1, 2, 4, 11]
 BLOCKS_MIB = [16, 64]
 #: The choice before this one: direct products up to 256 directions x positions, 64 MiB blocks.
 BEFORE = (256, 64 * 2**20)
-
-
-def median_ms(f, repeats: int) -> float:
-    f()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
 
 
 def resnet_convolutions() -> list[tuple[nn.Conv2d, tuple[int, ...]]]:
@@ -129,11 +119,7 @@ def main() -> None:
     lines += ["", f"The choice takes the faster form on {right} of {total} cells."]
     if args.fits:
         lines += ["", *fit_rounds(args.fits)]
-    text = "\n".join(lines) + "\n"
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
-    print(text)
+    emit(lines, args.out)
 
 
 def fit_rounds(rounds: int) -> list[str]:

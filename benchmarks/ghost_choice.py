@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from measure import median_ms  # noqa: I001  (benchmarks/ is on sys.path when run as a script)
 from hydraclean.ghost import ghost_products, pays
 from hydraclean.layers import ConvAlgebra
 
@@ -34,16 +35,6 @@ BATCH, K = 64, 10
 #: (in channels, out channels, input side, stride): ResNet-18's 3x3 convolutions at 32x32 inputs
 SHAPES = [(128, 128, 4, 1), (128, 256, 4, 2), (256, 256, 2, 1), (256, 512, 2, 2), (512, 512, 1, 1)]
 ROWS = [100, 500, 2000]
-
-
-def median_ms(f, repeats: int = 5) -> float:
-    f()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import time
 
 
@@ -11,6 +12,17 @@ def rss_mib(field: str = "VmRSS") -> float:
     """A memory field of /proc/self/status in MiB: VmRSS now, or VmHWM, the peak since start or reset."""
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+
+
+def median_ms(f, repeats: int = 5) -> float:
+    """Milliseconds of ``f()``, the median of ``repeats`` calls after one warm-up call."""
+    f()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
 
 
 class Meter:
