@@ -139,7 +139,7 @@ def run_setting(name: str, device: torch.device, seeds: int, smoke: bool, log, p
             log(f"  influence (LiSSA)  n/a: no second derivative of {', '.join(without_second_derivative(model))}")
         else:
             with Meter() as m:
-                scores = influence_scores(model, Xt, yt, Xv, yv, depth=20 if smoke else 1000, seed=0)
+                scores = influence_scores(model, Xt, yt, Xv, yv, depth=5 if smoke else 1000, seed=0)
             record("influence (LiSSA)", m, scores, extra_seconds=plain.seconds)
         with Meter() as m:
             scores = tracin_scores(make_module, checkpoints, lrs, Xt, yt, Xv, yv)
