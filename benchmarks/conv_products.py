@@ -27,6 +27,7 @@ import argparse
 import platform
 import statistics
 import time
+from contextlib import contextmanager
 
 import torch
 import torchvision
@@ -62,14 +63,17 @@ def resnet_convolutions() -> list[tuple[nn.Conv2d, tuple[int, ...]]]:
     return found
 
 
-def with_blocks(mib: int, f):
-    """``f()`` with per-sample gradients formed in blocks of ``mib`` MiB."""
-    saved = layers.GRADIENT_CHUNK_BYTES
-    layers.GRADIENT_CHUNK_BYTES = mib * 2**20
+@contextmanager
+def choice(direct_limit: int | None = None, chunk_bytes: int | None = None):
+    """The library's form choice with ``DIRECT_LIMIT`` and ``GRADIENT_CHUNK_BYTES`` set for the block (None:
+    as they are)."""
+    saved = layers.DIRECT_LIMIT, layers.GRADIENT_CHUNK_BYTES
+    layers.DIRECT_LIMIT = saved[0] if direct_limit is None else direct_limit
+    layers.GRADIENT_CHUNK_BYTES = saved[1] if chunk_bytes is None else chunk_bytes
     try:
-        return f()
+        yield
     finally:
-        layers.GRADIENT_CHUNK_BYTES = saved
+        layers.DIRECT_LIMIT, layers.GRADIENT_CHUNK_BYTES = saved
 
 
 def main() -> None:
@@ -105,9 +109,11 @@ def main() -> None:
             V = torch.randn(k, alg.size, generator=gen)
             direct = median_ms(lambda: alg._unfolded_products(a, d, V), repeats)
             per = median_ms(lambda: LayerAlgebra.apply(alg, a, [d], V), repeats)
-            others = [with_blocks(m, lambda: median_ms(lambda: LayerAlgebra.apply(alg, a, [d], V), repeats))
-                      for m in BLOCKS_MIB]
-            picks_direct = k * positions <= layers.DIRECT_LIMIT
+            others = []
+            for mib in BLOCKS_MIB:
+                with choice(chunk_bytes=mib * 2**20):
+                    others.append(median_ms(lambda: LayerAlgebra.apply(alg, a, [d], V), repeats))
+            picks_direct = alg.takes_direct(k, positions)
             ok = picks_direct == (direct <= per)
             right, total = right + ok, total + 1
             kernel = "x".join(map(str, module.kernel_size))
@@ -133,28 +139,25 @@ def fit_rounds(rounds: int) -> list[str]:
     lines = ["| row (1,000 images, 3 epochs) | plain training s | default fit s, before | default fit s, now | "
              "fit / plain, before | fit / plain, now | class contributions, largest difference / largest |",
              "|---|---|---|---|---|---|---|"]
-    try:
-        for name in ("ResNet-18, BatchNorm", "ResNet-18, GroupNorm"):
-            row = arch.ROWS[name]
-            arch.fit(row, tuple(part[:128] for part in data))  # warm-up
-            plain, seconds, ratios, scores = [], {BEFORE: [], now: []}, {BEFORE: [], now: []}, {}
-            for _ in range(rounds):
-                start = time.perf_counter()
-                arch.plain_training(row, data)
-                plain.append(time.perf_counter() - start)
-                for choice in seconds:
-                    layers.DIRECT_LIMIT, layers.GRADIENT_CHUNK_BYTES = choice
+    for name in ("ResNet-18, BatchNorm", "ResNet-18, GroupNorm"):
+        row = arch.ROWS[name]
+        arch.fit(row, tuple(part[:128] for part in data))  # warm-up
+        plain, seconds, ratios, scores = [], {BEFORE: [], now: []}, {BEFORE: [], now: []}, {}
+        for _ in range(rounds):
+            start = time.perf_counter()
+            arch.plain_training(row, data)
+            plain.append(time.perf_counter() - start)
+            for limits in seconds:
+                with choice(*limits):
                     start = time.perf_counter()
-                    scores[choice] = arch.fit(row, data).class_contribution_
-                    seconds[choice].append(time.perf_counter() - start)
-                    ratios[choice].append(seconds[choice][-1] / plain[-1])
-            diff = np.abs(scores[BEFORE] - scores[now]).max() / np.abs(scores[now]).max()
-            lines.append(f"| {name} | {statistics.median(plain):.1f} | {statistics.median(seconds[BEFORE]):.1f} | "
-                         f"{statistics.median(seconds[now]):.1f} | {statistics.median(ratios[BEFORE]):.2f}x | "
-                         f"{statistics.median(ratios[now]):.2f}x | {diff:.1e} |")
-            print(lines[-1], flush=True)
-    finally:
-        layers.DIRECT_LIMIT, layers.GRADIENT_CHUNK_BYTES = now
+                    scores[limits] = arch.fit(row, data).class_contribution_
+                    seconds[limits].append(time.perf_counter() - start)
+                ratios[limits].append(seconds[limits][-1] / plain[-1])
+        diff = np.abs(scores[BEFORE] - scores[now]).max() / np.abs(scores[now]).max()
+        lines.append(f"| {name} | {statistics.median(plain):.1f} | {statistics.median(seconds[BEFORE]):.1f} | "
+                     f"{statistics.median(seconds[now]):.1f} | {statistics.median(ratios[BEFORE]):.2f}x | "
+                     f"{statistics.median(ratios[now]):.2f}x | {diff:.1e} |")
+        print(lines[-1], flush=True)
     return [f"Default fits, {rounds} rounds alternating (medians; ratios to the round's plain loop):", "", *lines]
 
 

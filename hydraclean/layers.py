@@ -295,8 +295,14 @@ class ConvAlgebra(LayerAlgebra):
         d = deltas[0]
         return u, d.reshape(d.shape[0], d.shape[1], -1).transpose(1, 2)
 
+    @staticmethod
+    def takes_direct(n_directions: int, positions: int) -> bool:
+        """Whether :meth:`apply` takes the direct products (:data:`DIRECT_LIMIT`) for ``n_directions``
+        directions and ``positions`` output positions per sample, rather than the per-sample gradients."""
+        return n_directions * positions <= DIRECT_LIMIT
+
     def cost(self, n_directions, positions):
-        if n_directions * positions <= DIRECT_LIMIT:
+        if self.takes_direct(n_directions, positions):
             return float(n_directions * positions * self.size)
         # the per-sample gradients: formed (P per value) and read, at memory speed (x4, measured)
         return float(4 * (positions + n_directions) * self.size)
@@ -309,7 +315,7 @@ class ConvAlgebra(LayerAlgebra):
         a, d = saved, deltas[0]
         b, k = a.shape[0], V.shape[0]
         positions = d[0, 0].numel()
-        if k * positions > DIRECT_LIMIT:
+        if not self.takes_direct(k, positions):
             return super().apply(saved, deltas, V)
         out = V.new_zeros(b, k)
         if self.weight:

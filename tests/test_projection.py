@@ -11,6 +11,7 @@ from hydraclean.layers import (
     ConvAlgebra,
     EmbeddingAlgebra,
     EmbeddingBagAlgebra,
+    LayerAlgebra,
     LinearAlgebra,
     ModuleAlgebra,
     NormAlgebra,
@@ -388,7 +389,7 @@ def test_conv_sample_gradients_equal_one_backward_per_sample(conv):
     ],
 )
 @pytest.mark.parametrize("k", [2, 300])
-def test_conv_products_by_convolving_the_directions_equal_per_sample_gradients(conv, k):
+def test_conv_products_by_convolving_the_directions_equal_per_sample_gradients(conv, k, monkeypatch):
     """Few directions x positions: the inputs convolved with the directions; many: per-sample gradients."""
     from hydraclean import layers
 
@@ -401,9 +402,11 @@ def test_conv_products_by_convolving_the_directions_equal_per_sample_gradients(c
     params = [p for p in conv.parameters()]
     expected = torch.stack([torch.cat([gr.reshape(-1) for gr in torch.autograd.grad(
         conv(a[i : i + 1]), params, delta[i : i + 1])]) for i in range(5)]) @ V.T
-    direct = k * delta[0, 0].numel() <= layers.DIRECT_LIMIT
-    assert direct == (k == 2)
+    assert alg.takes_direct(k, delta[0, 0].numel()) == (k == 2)
     assert ref.relative_error(alg.apply(a, [delta], V), expected) < 1e-12
+    # the per-sample gradients in blocks of two samples, the last of one (the block is bytes, not the batch)
+    monkeypatch.setattr(layers, "GRADIENT_CHUNK_BYTES", 2 * alg.size * a.element_size())
+    assert ref.relative_error(LayerAlgebra.apply(alg, a, [delta], V), expected) < 1e-12
 
 
 @pytest.mark.parametrize("side,conv", [
