@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/hydraclean demo
 
+# one pytest-xdist worker per core, each on one torch thread (tests/conftest.py); TEST_WORKERS=0 runs them serially
+TEST_WORKERS ?= auto
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info docs/_build .pytest_cache
