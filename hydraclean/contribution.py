@@ -39,7 +39,7 @@ from .gradients import (
 )
 from .ghost import GhostRows
 from .projection import ROW_FACTOR_BYTES
-from .routes import plan_route
+from .routes import plan_route, route_kind
 from .training import Progress, SampleTrace, Trajectory, train
 
 __all__ = [
@@ -160,9 +160,9 @@ def fit_contributions(
         ``progress(steps, desc, n_steps)``.
     max_memory : int, default=10**9
         Bytes (on the data's device) for what the route keeps from the run.
-    spill_dir : str, optional
-        Directory for a memory-mapped file of the run's gradients when they
-        do not fit in ``max_memory``.
+    spill_dir : str or "auto", optional
+        Where what scoring keeps from the run goes when it does not fit in
+        ``max_memory`` (:mod:`hydraclean.spill`); None: checkpoints.
     batchnorm : {"constant", "exact"}, default="constant"
         For a BatchNorm that normalises with its batch's statistics in
         training, in the Hessian-free hypergradient: those statistics held
@@ -203,6 +203,8 @@ def fit_contributions(
         reserve = _direction_bytes(module, n_directions) + (ROW_FACTOR_BYTES if eval_separable(module) else 0)
         route = plan_route(module, criterion, X, y, trajectory, hessian=hessian, max_memory=max_memory,
                            spill_dir=spill_dir, batchnorm=batchnorm, reserve=reserve)
+        if checkpoint is not None:  # a saved route's state resumes that route only (spill_dir="auto": free disk)
+            checkpoint.fingerprint["scoring route (max_memory, spill_dir, free disk)"] = route_kind(route)
     try:
         if route is not None:
             _preflight(route, module, n, n_directions, y.device)

@@ -54,6 +54,7 @@ from .data import (
     select_rows,
 )
 from .run_store import parse_bytes
+from .spill import AUTO
 from .training import LearningShortfallWarning, Progress, learning_shortfall, plan_trajectory, replay, step_rng
 
 __all__ = ["HydraLabelCleaner", "HydraSampler"]
@@ -131,7 +132,7 @@ class _HydraBase(BaseEstimator):
         "distributed": ["boolean", StrOptions({"auto"})],
         "autocast": [StrOptions({"bfloat16", "float16"}), None],
         "max_memory": [Interval(Integral, 1, None, closed="left"), str],
-        "spill_dir": [str, os.PathLike, None],
+        "spill_dir": [StrOptions({"auto"}), str, os.PathLike, None],
         "checkpoint_dir": [str, os.PathLike, None],
         "keep_checkpoint": ["boolean"],
         "random_state": ["random_state"],
@@ -163,7 +164,7 @@ class _HydraBase(BaseEstimator):
         distributed: bool | str = "auto",
         autocast: str | None = None,
         max_memory: int | str = "1GB",
-        spill_dir: str | os.PathLike | None = None,
+        spill_dir: str | os.PathLike | None = "auto",
         checkpoint_dir: str | os.PathLike | None = None,
         keep_checkpoint: bool = False,
         random_state=None,
@@ -449,8 +450,9 @@ class _HydraBase(BaseEstimator):
         """Train with the trajectory recorded and compute the contributions (hydraclean.contribution)."""
         device = self._resolve_device()
         max_memory = parse_bytes(self.max_memory)
-        if self.spill_dir is not None and not os.path.isdir(self.spill_dir):
-            raise ValueError(f"spill_dir={self.spill_dir!r} is not a directory. Create it or pass spill_dir=None.")
+        if self.spill_dir not in (None, AUTO) and not os.path.isdir(self.spill_dir):
+            raise ValueError(f"spill_dir={self.spill_dir!r} is not a directory. Create it, or pass spill_dir='auto' "
+                             "(the temporary directory where it has room) or None.")
         module = self._build_module(data.input_shape, data.classes.size, device, init_seed)
         dtype = _floating_dtype(module)
         if self.autocast is not None and self.hessian == "exact":
@@ -912,15 +914,21 @@ class HydraLabelCleaner(TransformerMixin, _HydraBase):
         training steps caught them; else every step's gradient. When those do
         not fit either, checkpoints every few steps are kept and scoring
         recomputes the steps between them (about one more training run), or,
-        with ``spill_dir``, they go to disk.
-    spill_dir : str or path-like, default=None
+        as ``spill_dir`` allows, they go to disk.
+    spill_dir : "auto", str, path-like or None, default="auto"
         Directory for temporary files of what scoring keeps from the run when
         it does not fit in ``max_memory``: under SGD, each step's layer inputs
         and output gradients (one file a step), else a memory-mapped file of
-        the run's gradients; deleted after scoring. It spares scoring the
-        recomputation from checkpoints (about one training run) at the price
-        of disk, which grows with samples x epochs (the user guide's
-        "Architectures" measures both for ResNet-18).
+        the run's gradients; deleted after scoring, also when the fit fails.
+        It spares scoring the recomputation from checkpoints (about one more
+        training run) at the price of disk, which grows with samples x epochs
+        (ResNet-18 on 2,000 images for 3 epochs: 2.2 GB; the user guide's
+        "Architectures" measures both routes). "auto": the temporary directory
+        (``tempfile.gettempdir()``, ``$TMPDIR``) when it is on disk (not
+        tmpfs) and what would go there takes at most half of its free space;
+        otherwise checkpoints, with a warning that says why. A directory given
+        by name without room for it is refused before training. None: always
+        checkpoints, nothing written to disk.
     checkpoint_dir : str or path-like, default=None
         Folder where the fit saves everything needed to continue, at the end
         of every epoch, when interrupted (Ctrl-C finishes the step under way,

@@ -34,7 +34,6 @@ import contextlib
 import copy
 import functools
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 
@@ -50,6 +49,7 @@ from .ghost import GhostRows, ghost_products, pays
 from .layers import CHUNK_BYTES, ConvAlgebra, LayerAlgebra, algebra_for, column_ranges, layers_of
 from .modes import set_modes, training_modes
 from .run_store import RunStore
+from .spill import spill_location
 from .training import Step, Trajectory, autocast, step_rng
 
 __all__ = [
@@ -1178,8 +1178,8 @@ class CapturedRun(_StepFactorsBase):
     def plan(cls, module: nn.Module, criterion: nn.Module, trajectory: Trajectory, layer_plan: list[LayerPlan],
              max_memory: int, spill_dir=None, constant_stats: bool = False, reserve: int = 0) -> CapturedRun | None:
         """The recorder for a linear rule in one process, kept in memory when what every step keeps
-        (:attr:`LayerPlan.kept_bytes`, from the probe) fits in ``max_memory - reserve``, else in ``spill_dir``;
-        None without."""
+        (:attr:`LayerPlan.kept_bytes`, from the probe) fits in ``max_memory - reserve``, else on disk where
+        ``spill_dir`` allows (:func:`hydraclean.spill.spill_location`); None otherwise."""
         if not trajectory.rule.linear or trajectory.shard is not None:
             return None
         per_row = sum(p.kept_bytes for p in layer_plan) + 8  # and its sample's index
@@ -1187,16 +1187,10 @@ class CapturedRun(_StepFactorsBase):
         if nbytes <= max_memory - reserve:
             return cls(module, criterion, layer_plan, trajectory, constant_stats, nbytes, None,
                        max_memory - reserve - nbytes)
-        if spill_dir is None:
+        folder = spill_location(spill_dir, nbytes)
+        if folder is None:
             return None
-        free = shutil.disk_usage(spill_dir).free
-        if free < nbytes:
-            raise ValueError(
-                f"Scoring would keep about {nbytes / 1e9:.1f} GB of the run's layer entries in spill_dir="
-                f"{str(spill_dir)!r}, which has {free / 1e9:.1f} GB free. Free disk space there, pass another "
-                "spill_dir, or spill_dir=None (scoring then recomputes the steps from checkpoints: slower)."
-            )
-        return cls(module, criterion, layer_plan, trajectory, constant_stats, nbytes, spill_dir,
+        return cls(module, criterion, layer_plan, trajectory, constant_stats, nbytes, folder,
                    max(0, max_memory - reserve))
 
     def record(self, step: Step) -> None:

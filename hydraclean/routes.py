@@ -52,7 +52,7 @@ from .projection import (
 from .run_store import RunStore
 from .training import Progress, Recorder, Step, Trajectory, step_rng
 
-__all__ = ["Route", "StoredRun", "plan_route"]
+__all__ = ["Route", "StoredRun", "plan_route", "route_kind"]
 
 class Route(Recorder, Protocol):
     """A recorder for the training run that projects the run's hypergradients afterwards.
@@ -98,8 +98,10 @@ def plan_route(module: nn.Module, criterion: nn.Module, X: Inputs, y: torch.Tens
     hessian : {"free", "exact"}
     max_memory : int
         Bytes on the data's device for what the route keeps.
-    spill_dir : str, optional
-        Where :class:`StoredRun` may put the gradients when they do not fit.
+    spill_dir : str or "auto", optional
+        Where :class:`CapturedRun` may put the steps' layer entries, and
+        :class:`StoredRun` the gradients, when they do not fit
+        (:func:`hydraclean.spill.spill_location`).
     batchnorm : {"constant", "exact"}, default="constant"
         For a model with a BatchNorm that uses its batch's statistics in
         training: the layer route with those statistics held constant in the
@@ -137,6 +139,15 @@ def plan_route(module: nn.Module, criterion: nn.Module, X: Inputs, y: torch.Tens
             return route
     return StoredRun(module, criterion, trajectory, X, y, exact=hessian == "exact", max_memory=max_memory,
                      spill_dir=spill_dir, plan=plan, constant_stats=constant, reserve=reserve)
+
+
+def route_kind(route: Route) -> str:
+    """Which route, as far as its saved state goes (a checkpoint of one route cannot resume another): the
+    class, and for a store whether it keeps the steps' gradients (in memory or on disk) or checkpoints."""
+    store = getattr(route, "store", None)
+    if store is None:
+        return type(route).__name__
+    return f"{type(route).__name__} ({'checkpoints' if store.location == 'checkpoints' else 'gradients'})"
 
 
 class StoredRun:

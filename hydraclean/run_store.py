@@ -12,7 +12,8 @@ are kept:
 
 - ``"memory"``: every ``g_t`` on the model's device, when that fits in
   ``max_memory``;
-- ``"disk"``: otherwise, with ``spill_dir``, in a memory-mapped file there;
+- ``"disk"``: otherwise, where ``spill_dir`` allows (:mod:`hydraclean.spill`),
+  in a memory-mapped file there;
 - ``"checkpoints"``: otherwise ``(w, s)`` every ``interval`` steps; the
   gradients in between are recomputed by the training step itself from the
   last checkpoint (bit-identical on CPU).
@@ -39,6 +40,7 @@ from torch import nn
 
 from .batches import Inputs, step_inputs, step_indices
 from .optimizers import State, step_in_place
+from .spill import spill_location, warn_recomputed
 from .modes import set_modes
 from .training import Step, Trajectory, advance, trainable_parameters, write_parameters
 
@@ -85,9 +87,10 @@ class RunStore:
     max_memory : int
         Bytes the store may take on ``device`` (checkpoints and the buffer
         of one segment included).
-    spill_dir : str or path, optional
+    spill_dir : str, path or "auto", optional
         Directory for a memory-mapped file of the gradients when they do not
-        fit in ``max_memory``; without it, checkpoints.
+        fit in ``max_memory``, or ``"auto"`` (the temporary directory where it
+        has room, :func:`hydraclean.spill.spill_location`); without it, checkpoints.
     reverse : bool, default=False
         Whether :meth:`walk` will be asked to go backward (sizes its
         segment buffer).
@@ -128,9 +131,9 @@ class RunStore:
             self.location, self.interval = "memory", segment
             self._g = torch.empty(n_steps, n_params, dtype=dtype, device=self.device)
             self.nbytes = (n_steps + walk_rows) * row
-        elif spill_dir is not None and walk_rows * row <= max_memory:
+        elif walk_rows * row <= max_memory and (folder := spill_location(spill_dir, n_steps * row)) is not None:
             self.location, self.interval = "disk", segment
-            self._file = tempfile.NamedTemporaryFile(prefix="hydraclean-run-", suffix=".bin", dir=spill_dir)
+            self._file = tempfile.NamedTemporaryFile(prefix="hydraclean-run-", suffix=".bin", dir=folder)
             np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
             self._g = np.memmap(self._file.name, dtype=np_dtype, mode="w+", shape=(n_steps, n_params))
             self.nbytes = (n_steps + walk_rows) * row
@@ -149,6 +152,8 @@ class RunStore:
                 )
             self.interval = fits[0]
             self.nbytes = need[self.interval - 1]
+            if walk_rows * row <= max_memory:
+                warn_recomputed(spill_dir, n_steps * row)
 
     @staticmethod
     def memory_footprint(trajectory: Trajectory, n_params: int, dtype: torch.dtype, reverse: bool = False) -> int:

@@ -56,7 +56,7 @@ def test_every_route_gives_the_same_contributions_under_autocast(dtype, tmp_path
     assert np.corrcoef(plain.label_quality_[:240], base.label_quality_[:240])[0, 1] > 0.9
     n_steps = 2 * 240 // 16
     # every step's gradient and the start (w_0, v_0); checkpoints; on disk with the start in memory
-    for kw in (dict(max_memory=(n_steps + 2) * row), dict(max_memory=3 * row),
+    for kw in (dict(max_memory=(n_steps + 2) * row, spill_dir=None), dict(max_memory=3 * row, spill_dir=None),
                dict(max_memory=2 * row, spill_dir=str(tmp_path))):
         other = fit(autocast=dtype, **kw)
         for name in ("contribution_", "class_contribution_", "contribution_matrix_"):

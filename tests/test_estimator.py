@@ -669,7 +669,7 @@ def test_verbose_shows_progress_and_default_is_silent(flat, capsys):
     assert "training" in err and "scoring" not in err  # the layer factors kept while training suffice
     HydraLabelCleaner(mlp, verbose=1, max_memory=10_000, **FAST).fit(X, y, X_val=Xv, y_val=yv)
     err = capsys.readouterr().err
-    assert "training" in err and "scoring" in err  # no room for them: a pass over the stored weights
+    assert "training" in err and "scoring" in err  # no room for them: a pass over what the steps kept
 
 
 @pytest.mark.parametrize("recipe", ["cnn", "memorising mlp"])

@@ -194,7 +194,7 @@ def test_estimator_contributions_do_not_depend_on_where_the_weights_are_kept(tmp
     with pytest.warns(UserWarning, match="did not learn"):  # random labels: only the arithmetic matters here
         base = cleaner().fit(X, y, validation_mask=mask)
     row = sum(p.numel() for p in base.module_.parameters()) * 4
-    for kw in (dict(max_memory=3 * row), dict(max_memory=2 * row, spill_dir=str(tmp_path))):
+    for kw in (dict(max_memory=3 * row, spill_dir=None), dict(max_memory=2 * row, spill_dir=str(tmp_path))):
         with pytest.warns(UserWarning, match="did not learn"):
             other = cleaner(**kw).fit(X, y, validation_mask=mask)
         scale = np.nanmax(np.abs(base.class_contribution_))
@@ -205,7 +205,7 @@ def test_estimator_contributions_do_not_depend_on_where_the_weights_are_kept(tmp
 @pytest.mark.parametrize(
     "kw,message",
     [
-        (dict(max_memory="1kB"), "cannot hold one checkpoint"),
+        (dict(max_memory="1kB", spill_dir=None), "cannot hold one checkpoint"),
         (dict(max_memory="plenty"), "memory size"),
         (dict(max_memory=1, spill_dir="/nonexistent/dir"), "is not a directory"),
     ],
