@@ -1209,8 +1209,10 @@ class CapturedRun(_StepFactorsBase):
     def _load(self, t: int) -> tuple:
         if self._dir is None:
             return self._steps[t]
-        return torch.load(self._path(t), map_location=self.device, mmap=self.device.type == "cpu",
-                          weights_only=True)
+        # an attention layer's entries name its projections' rows by slices (inert, so allowed)
+        with torch.serialization.safe_globals([slice]):
+            return torch.load(self._path(t), map_location=self.device, mmap=self.device.type == "cpu",
+                              weights_only=True)
 
     @property
     def device(self) -> torch.device:

@@ -157,3 +157,25 @@ def test_a_checkpoint_resumes_only_the_route_that_saved_it(temp_dir, tmp_path):
         fit(checkpoint_dir=str(tmp_path / "ckpt"), keep_checkpoint=True)
     assert not list(temp_dir.glob("hydraclean-*"))
 
+
+def test_auto_spills_an_attention_model_over_token_ids(temp_dir, routes):
+    """The steps' entries of nn.MultiheadAttention (which name its projections' rows by slices) go to disk and
+    come back: the checkpoint route's contributions up to float32 rounding."""
+    from hydraclean.models import TokenTransformer
+
+    rng = np.random.RandomState(0)
+    X = rng.randint(0, 20, size=(60, 6))
+    y = (X < 10).sum(1) % 3
+
+    def fit_tokens(**kw):
+        cleaner = HydraLabelCleaner(lambda: TokenTransformer(20, 3, 6, dim=8, heads=2, layers=1), max_epochs=2,
+                                    batch_size=8, lr=0.05, random_state=0, max_memory=20_000, **kw)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The trained model did not learn")
+            return cleaner.fit(X, y, validation_mask=np.arange(60) >= 45)
+
+    auto, recomputed = fit_tokens(), fit_tokens(spill_dir=None)
+    assert routes == [("CapturedRun", "disk"), ("StoredRun", "checkpoints")]
+    scale = np.nanmax(np.abs(auto.class_contribution_))
+    np.testing.assert_allclose(auto.class_contribution_, recomputed.class_contribution_, rtol=0, atol=1e-5 * scale)
+    assert not list(temp_dir.glob("hydraclean-*"))
