@@ -17,9 +17,10 @@ The routes (the choice is :func:`plan_route`'s):
   weighted by scalars known before training and summed as the run goes;
 - :class:`hydraclean.projection.CapturedRun`: the same, when those sums do
   not fit (a ResNet's convolutions): each step's layer inputs and output
-  gradients as the training run caught them, in memory or, with
-  ``spill_dir``, on disk, multiplied by the directions after training, with
-  no second pass over the model;
+  gradients as the training run caught them, in memory or, when every
+  step's gradient does not fit in memory either, on disk as ``spill_dir``
+  allows (:mod:`hydraclean.spill`), multiplied by the directions after
+  training, with no second pass over the model;
 - :class:`hydraclean.projection.StepFactors`: Hessian-free, any other
   (elementwise) rule (Adam, AdamW), the same models: each step's layer factors
   and gradient, then one backward sweep of the update rule;
@@ -130,9 +131,13 @@ def plan_route(module: nn.Module, criterion: nn.Module, X: Inputs, y: torch.Tens
         if plan is not None and trajectory.rule.linear:
             route = TrainingFactors.plan(module, criterion, None, None, trajectory, step_weights(trajectory),
                                          max_memory, data, constant, layer_plan=plan)
-            if route is None:
-                route = CapturedRun.plan(module, criterion, trajectory, plan, max_memory, spill_dir, constant,
-                                         reserve)
+            if route is None:  # to disk only to spare the walk from checkpoints: the steps' gradients in
+                # memory spare it too, at the same cost (benchmarks/overhead.py's Transformer row), writing nothing
+                params = [p for p in module.parameters() if p.requires_grad]
+                in_memory = RunStore.memory_footprint(trajectory, sum(p.numel() for p in params),
+                                                      params[0].dtype) <= max_memory
+                route = CapturedRun.plan(module, criterion, trajectory, plan, max_memory,
+                                         None if in_memory else spill_dir, constant, reserve)
         elif plan is not None:
             route = StepFactors.plan(module, criterion, None, None, trajectory, max_memory, constant, layer_plan=plan)
         if route is not None:

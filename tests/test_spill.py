@@ -113,7 +113,7 @@ def routes(monkeypatch):
 def fit(**kw):
     X, y, mask = data()
     cleaner = HydraLabelCleaner(group_norm_net, max_epochs=2, batch_size=8, lr=0.05, random_state=0,
-                                max_memory=20_000, **kw)
+                                **{"max_memory": 20_000, **kw})
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The trained model did not learn")
         return cleaner.fit(X, y, validation_mask=mask)
@@ -135,6 +135,13 @@ def test_auto_keeps_the_steps_on_disk_when_they_do_not_fit_in_memory(temp_dir, t
     np.testing.assert_allclose(auto.contribution_, recomputed.contribution_, rtol=1e-5,
                                atol=1e-6 * np.nanmax(np.abs(auto.contribution_)))
     assert not list(temp_dir.glob("hydraclean-*")) and not list(named.iterdir())
+
+
+def test_auto_writes_nothing_when_every_steps_gradient_fits_in_memory(temp_dir, routes):
+    """Disk only spares the walk from checkpoints: the steps' gradients in memory spare it as well."""
+    fit(max_memory=200_000)
+    assert routes == [("StoredRun", "memory")]
+    assert not list(temp_dir.glob("hydraclean-*"))
 
 
 def test_auto_without_room_recomputes_from_checkpoints_and_says_so(temp_dir, routes, monkeypatch):
