@@ -107,6 +107,20 @@ class SGD:
             d = d.add(buf, alpha=p) if self.nesterov else buf
         return w.add(d, alpha=-lr), (buf,)
 
+    def step_(self, w, state, g, t, hyper) -> None:
+        """:meth:`step` written into ``w`` and ``state``: the same operations in the same order, in place (bit
+        for bit), without its weight-sized temporaries (as ``torch.optim.SGD`` updates)."""
+        lr, p = hyper["lr"], hyper["momentum"]
+        d = g.add(w, alpha=self.weight_decay) if self.weight_decay else g
+        (buf,) = state
+        if p:
+            if t == 1:
+                buf.copy_(d)
+            else:
+                buf.mul_(p).add_(d, alpha=1 - self.dampening)
+            d = d.add(buf, alpha=p) if self.nesterov else buf
+        w.add_(d, alpha=-lr)
+
     def torch_options(self, hyper):
         return dict(lr=hyper["lr"], momentum=hyper["momentum"], dampening=self.dampening, nesterov=self.nesterov,
                     weight_decay=self.weight_decay)
@@ -218,10 +232,16 @@ def step_in_place(rule: UpdateRule, w: torch.Tensor, state: State, g: torch.Tens
 
     The rule is elementwise, so it is applied block by block of
     :data:`STEP_BLOCK` values: bit for bit the pure step, without a model-sized
-    temporary per operation. ``g`` is only read.
+    temporary per operation; a rule with an in-place form of its step
+    (``rule.step_(w, state, g, t, hyper)``, :class:`SGD`) writes each block
+    itself. ``g`` is only read.
     """
+    in_place = getattr(rule, "step_", None)
     for start in range(0, w.numel(), STEP_BLOCK):
         block = slice(start, start + STEP_BLOCK)
+        if in_place is not None:
+            in_place(w[block], tuple(s[block] for s in state), g[block], t, hyper)
+            continue
         w_new, state_new = rule.step(w[block], tuple(s[block] for s in state), g[block], t, hyper)
         w[block].copy_(w_new)
         for s, new in zip(state, state_new):

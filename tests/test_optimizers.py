@@ -84,19 +84,21 @@ def test_defaults_are_sgds_and_torchs():
     assert make_rule(torch.optim.Adam, {}, momentum=0.9, lr=None, weight_decay=None)[0].weight_decay == 0.0
 
 
+@pytest.mark.parametrize("size,block", [(30, 7), (5003, 1024)])
 @pytest.mark.parametrize("optimizer,options,momentum", CASES)
-def test_the_in_place_step_is_the_pure_step_bit_for_bit(monkeypatch, optimizer, options, momentum):
-    """Training updates one buffer block by block (a block smaller than the vector here): the same values."""
+def test_the_in_place_step_is_the_pure_step_bit_for_bit(monkeypatch, optimizer, options, momentum, size, block):
+    """Training updates one buffer block by block (a block smaller than the vector here, with vectorised
+    loops and their tails in the larger case), by SGD's own in-place step or the pure step's: the same values."""
     from hydraclean import optimizers
 
-    monkeypatch.setattr(optimizers, "STEP_BLOCK", 7)
+    monkeypatch.setattr(optimizers, "STEP_BLOCK", block)
     rule, hyper = make_rule(optimizer, options, momentum=momentum, lr=0.05, weight_decay=0.01)
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(30, generator=g)
+    w = torch.randn(size, generator=g)
     state = rule.init(w)
     w_pure, state_pure = w.clone(), tuple(s.clone() for s in state)
     for t in range(1, 4):
-        grad = torch.randn(30, generator=g)
+        grad = torch.randn(size, generator=g)
         w_pure, state_pure = rule.step(w_pure, state_pure, grad, t, hyper)
         optimizers.step_in_place(rule, w, state, grad, t, hyper)
         assert torch.equal(w, w_pure) and all(torch.equal(a, b) for a, b in zip(state, state_pure))
