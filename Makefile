@@ -68,8 +68,6 @@ gpu-check: $(BENCH_STAMP)
 bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/overhead.py --epochs 3 --out docs/_generated/overhead.md
 	$(BIN)/python benchmarks/overhead.py --architectures --repeats 2 --out docs/_generated/overhead_architectures.md
-	$(BIN)/python benchmarks/overhead.py --architectures --repeats 2 --skip frozen EmbeddingBag Transformer \
-		--out docs/_generated/overhead_resnet.md
 	$(BIN)/python benchmarks/ghost_choice.py --out docs/_generated/ghost_choice.md
 	$(BIN)/python benchmarks/conv_products.py --fits 2 --out docs/_generated/conv_products.md
 	$(BIN)/python benchmarks/batchnorm_route.py --out docs/_generated/batchnorm_route.md
