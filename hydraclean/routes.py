@@ -133,7 +133,7 @@ def plan_route(module: nn.Module, criterion: nn.Module, X: Inputs, y: torch.Tens
                                          max_memory, data, constant, layer_plan=plan)
             if route is None:  # to disk only to spare the walk from checkpoints: the steps' gradients in
                 # memory spare it too, at the same cost (benchmarks/overhead.py's Transformer row), writing nothing
-                params = [p for p in module.parameters() if p.requires_grad]
+                params = list(parameter_dict(module).values())  # what StoredRun's store would keep
                 in_memory = RunStore.memory_footprint(trajectory, sum(p.numel() for p in params),
                                                       params[0].dtype) <= max_memory
                 route = CapturedRun.plan(module, criterion, trajectory, plan, max_memory,

@@ -40,7 +40,7 @@ def memory_backed(path: str | os.PathLike, mounts: str = "/proc/self/mounts") ->
     """
     try:
         with open(mounts) as f:
-            table = [line.split()[1:3] for line in f if len(line.split()) >= 3]
+            table = [fields[1:3] for fields in map(str.split, f) if len(fields) >= 3]
     except OSError:
         return False
     real = os.path.realpath(path)
