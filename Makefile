@@ -45,8 +45,8 @@ bench-smoke: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/score_ablation.py --dir $(CURDIR)/build/bench-smoke
 	$(BIN)/python benchmarks/hessian_detection.py --smoke --out $(CURDIR)/build/bench-smoke/hessian_detection.md
 	$(BIN)/python benchmarks/paper.py --smoke --out-dir $(CURDIR)/build/bench-smoke
+	$(BIN)/python benchmarks/flag_count.py --settings tabular-cc tabular-cc-clean --cache $(CURDIR)/build/bench-smoke/flag_count --out $(CURDIR)/build/bench-smoke/flag_count.md
 	$(BIN)/python benchmarks/summarize.py --dir $(CURDIR)/build/bench-smoke
-	$(BIN)/python benchmarks/flag_count.py --settings tabular-cc tabular-cc-clean --cache $(CURDIR)/build/bench-smoke/flag_count
 	$(BIN)/python benchmarks/selected_direction.py --settings tabular-cc --cache $(CURDIR)/build/bench-smoke/flag_count
 	$(BIN)/python benchmarks/cluster_flags.py --settings digits-sym-0.2 --cache $(CURDIR)/build/bench-smoke/cluster_flags
 	$(BIN)/python benchmarks/one_run_peers.py --smoke --settings digits-sym-0.2 tabular-cc --out $(CURDIR)/build/bench-smoke/one_run_peers.md
