@@ -79,10 +79,11 @@ def acceptance_table(results: list[dict]) -> list[str]:
               "the automatic count's; retraining on the kept rows less accurate than no cleaning where dropping "
               "exactly the flipped samples gains a point or more. "
               f"Shortfalls over {n} settings: AUROC {shortfalls['auroc']}, flag count {shortfalls['count']}, "
-              f"F1 {shortfalls['f1']}, cluster {shortfalls['cluster']}; the suite mean {0 if mean_ok else 1}. A setting whose AUM cells read — was run "
-              "before AUM joined the suite; its bars leave AUM out. Retraining uses the noisy labels of the kept rows. "
+              f"F1 {shortfalls['f1']}, cluster {shortfalls['cluster']}; the suite mean {0 if mean_ok else 1}. "
+              "A setting whose AUM cells read — was run before AUM joined the suite; its bars leave AUM out. "
+              "Retraining uses the noisy labels of the kept rows. "
               f"On the mean row, ✗ marks the default's mean AUROC below AUM's plus {MEAN_MARGIN} (issue 19's bar on "
-              "the suite mean; means over the settings where every method in the row ran)."]
+              "the suite mean, over the settings run with AUM; each column's mean is over the settings that have it)."]
     return lines
 
 
@@ -91,15 +92,17 @@ MEAN_MARGIN = 0.01
 
 
 def mean_row(results: list[dict]) -> tuple[str, bool]:
-    """The acceptance table's last row (each column's mean over the settings that have it, AUM's over those
-    run with it, the flag counts summed; ✗ where the default's mean AUROC is below AUM's + MEAN_MARGIN), and
-    whether that bar is met."""
+    """The acceptance table's last row (each column's mean over the settings that have it, the flag counts
+    summed; ✗ where the default's mean AUROC, over the settings run with AUM, is below AUM's + MEAN_MARGIN),
+    and whether that bar is met."""
     import numpy as np
 
     ms = [r["methods"] for r in results]
     mean = lambda method, key: float(np.mean([m[method][key] for m in ms if method in m]))  # noqa: E731
     retrain = lambda method: float(np.mean([m[method]["retrain"][0] for m in ms]))  # noqa: E731
-    ok = mean(DEFAULT, "auroc") >= mean("AUM", "auroc") + MEAN_MARGIN
+    with_aum = [m for m in ms if "AUM" in m]  # the bar compares the two over the same settings
+    ok = bool(with_aum) and (np.mean([m[DEFAULT]["auroc"] for m in with_aum])
+                             >= np.mean([m["AUM"]["auroc"] for m in with_aum]) + MEAN_MARGIN)
     flagged = sum(m[DEFAULT]["n_flagged"] for m in ms)
     return (f"| **mean over {len(results)} settings** | {mean(DEFAULT, 'auroc'):.4f}{'' if ok else ' ✗'} | "
             f"{mean('cleanlab', 'auroc'):.4f} | {mean('AUM', 'auroc'):.4f} | {mean('training loss', 'auroc'):.4f} | "

@@ -63,3 +63,12 @@ def test_clean_line_marks_more_than_two_percent(share, marked):
     assert (f"{share:.1%} ✗" in line) is marked
     assert "x " not in line.replace("x-clean", "")  # settings with flips are not listed
     assert clean_lines({}) == []
+
+
+def test_mean_bar_compares_the_default_with_aum_over_the_same_settings():
+    without_aum = setting("b", 1.0, 0.0)
+    del without_aum["methods"]["AUM"]
+    lines = acceptance_table([setting("a", 0.90, 0.90), without_aum])
+    row = next(line for line in lines if line.startswith("| **mean over"))
+    # over both settings the default's mean (0.95) clears AUM's (0.90) + 0.01; over the setting with AUM it does not
+    assert row.split("|")[2].strip() == "0.9500 ✗"
