@@ -202,6 +202,8 @@ def _rows(obj, rows):
 
 
 def _flat(parts: Sequence[torch.Tensor], b: int) -> torch.Tensor:
+    if len(parts) == 1:  # no copy
+        return parts[0].reshape(b, -1)
     return torch.cat([p.reshape(b, -1) for p in parts], dim=1)
 
 
@@ -529,25 +531,19 @@ class NormAlgebra(LayerAlgebra):
 
 
 def normalised(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The input as normalised by ``m`` before its affine step (statistics as the module's forward takes them)."""
+    """The input as normalised by ``m`` before its affine step (statistics as the module's forward takes them),
+    by torch's own normalisation kernels without the affine weights."""
     if isinstance(m, nn.LayerNorm):
-        axes = tuple(range(x.dim() - len(m.normalized_shape), x.dim()))
-        mean, var = x.mean(axes, keepdim=True), x.var(axes, unbiased=False, keepdim=True)
-        return (x - mean) / torch.sqrt(var + m.eps)
+        return F.layer_norm(x, m.normalized_shape, None, None, m.eps)
     if isinstance(m, nn.GroupNorm):
-        g = x.reshape(x.shape[0], m.num_groups, -1)
-        mean, var = g.mean(2, keepdim=True), g.var(2, unbiased=False, keepdim=True)
-        return ((g - mean) / torch.sqrt(var + m.eps)).reshape(x.shape)
-    shape = (1, -1) + (1,) * (x.dim() - 2)
+        return F.group_norm(x, m.num_groups, None, None, m.eps)
     use_batch = m.training or m.running_mean is None
-    if isinstance(m, nn.modules.instancenorm._InstanceNorm) and use_batch:
-        axes = tuple(range(2, x.dim()))  # each sample and channel by itself
-    elif use_batch:
-        axes = (0, *range(2, x.dim()))  # BatchNorm: the batch's statistics
-    else:
-        return (x - m.running_mean.reshape(shape)) / torch.sqrt(m.running_var.reshape(shape) + m.eps)
-    mean, var = x.mean(axes, keepdim=True), x.var(axes, unbiased=False, keepdim=True)
-    return (x - mean) / torch.sqrt(var + m.eps)
+    if isinstance(m, nn.modules.instancenorm._InstanceNorm) and use_batch:  # each sample and channel by itself
+        return F.instance_norm(x, eps=m.eps)
+    if use_batch:  # BatchNorm: the batch's statistics (the kernel itself: F.batch_norm may be patched in a step)
+        return torch.native_batch_norm(x, None, None, None, None, True, 0.0, m.eps)[0]
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return (x - m.running_mean.reshape(shape)) / torch.sqrt(m.running_var.reshape(shape) + m.eps)
 
 
 class AttentionAlgebra(LayerAlgebra):

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 from torch.func import functional_call
 
 from .gradients import PerSampleLoss, directional_derivatives, parameter_dict
@@ -270,9 +271,12 @@ class LayerCapture:
             # the graph holds the pre-hook, which holds the entry: the entry must not hold the graph (an
             # output tensor), or the cycle, through autograd's own references, is never collected
             entry["outputs"] = [_Like(o) for o in watched]
-            for j, o in enumerate(watched):
-                if o.grad_fn is not None:
-                    o.grad_fn.register_prehook(functools.partial(_set_gradient, entry, j, o.output_nr))
+            if self.second_pass:  # the outputs' places in the graph, for the second pass (which drops them)
+                entry["edges"] = [None if o.grad_fn is None else get_gradient_edge(o) for o in watched]
+            else:
+                for j, o in enumerate(watched):
+                    if o.grad_fn is not None:
+                        o.grad_fn.register_prehook(functools.partial(_set_gradient, entry, j, o.output_nr))
         self._captured.setdefault(k, []).append(entry)
         return clone
 
@@ -292,12 +296,7 @@ class LayerCapture:
     #: Whether :meth:`after_step` runs a backward pass of its own through the step's graph
     second_pass = False
 
-    @staticmethod
-    def inputs(xb: torch.Tensor) -> torch.Tensor:
-        """The step's inputs as the training step should read them."""
-        return xb
-
-    def after_step(self, loss: torch.Tensor, xb: torch.Tensor, params: list[torch.Tensor]) -> None:
+    def after_step(self, loss: torch.Tensor) -> None:
         """Called after a training step's backward pass (whose gradients the hooks caught): nothing more."""
 
     def detach(self) -> None:
@@ -311,11 +310,10 @@ class ConstantStatisticsCapture(LayerCapture):
     """A training-mode capture for a model with BatchNorm in train mode whose per-sample derivative holds the
     batch statistics constant: the training step's forward pass serves both its exact backward pass (the
     step's gradient) and a second one, through the same graph with BatchNorm's backward switched to constant
-    statistics, whose gradients at the layers' outputs the hooks keep. The second pass runs to the step's
-    inputs (no weight gradient), or, for inputs without a gradient (token ids), to the weights.
+    statistics, to the layers' outputs as the forward pass made them (their gradient edges: nothing below the
+    first layer runs, and no weight gradient), whose gradients it keeps.
 
-    The training step must keep its graph (``advance(..., retain_graph=True)``) and, for floating inputs,
-    read them as a leaf that requires a gradient (:meth:`inputs`).
+    The training step must keep its graph (``advance(..., retain_graph=True)``).
     """
 
     second_pass = True
@@ -339,23 +337,16 @@ class ConstantStatisticsCapture(LayerCapture):
         if patch is not None:
             patch.__exit__(None, None, None)
 
-    @staticmethod
-    def inputs(xb: torch.Tensor) -> torch.Tensor:
-        """The step's inputs as the second pass's end: a leaf requiring a gradient when they are floating."""
-        return xb.detach().requires_grad_() if xb.is_floating_point() else xb
-
-    def after_step(self, loss: torch.Tensor, xb: torch.Tensor, params: list[torch.Tensor]) -> None:
+    def after_step(self, loss: torch.Tensor) -> None:
         entries = [e for calls in self._captured.values() for e in calls]
-        for e in entries:
-            e["grads"] = [None] * len(e["grads"])
-        ends = [xb] if xb.requires_grad else list(params)
+        targets = [(e, j, edge) for e in entries for j, edge in enumerate(e.pop("edges")) if edge is not None]
         self._switch.constant = True
         try:
-            torch.autograd.grad(loss, ends, allow_unused=True)
-            if ends[0] is xb and any(g is None for e in entries for g in e["grads"]):  # a layer the inputs
-                torch.autograd.grad(loss, list(params), allow_unused=True)  # do not reach: to the weights
+            grads = torch.autograd.grad(loss, [edge for *_, edge in targets], allow_unused=True)
         finally:
             self._switch.constant = False
+        for (e, j, _), g in zip(targets, grads):
+            e["grads"][j] = g
 
 
 class _Like:
@@ -1168,11 +1159,8 @@ class CapturedRun(_StepFactorsBase):
         self.capture = ConstantStatisticsCapture(layers, self.algebras)
         self.capture.attach(model)
 
-    def inputs(self, xb: torch.Tensor) -> torch.Tensor:
-        return self.capture.inputs(xb)
-
-    def after_step(self, loss: torch.Tensor, xb: torch.Tensor, params: list[torch.Tensor]) -> None:
-        self.capture.after_step(loss, xb, params)
+    def after_step(self, loss: torch.Tensor) -> None:
+        self.capture.after_step(loss)
 
     @classmethod
     def plan(cls, module: nn.Module, criterion: nn.Module, trajectory: Trajectory, layer_plan: list[LayerPlan],
@@ -1200,8 +1188,9 @@ class CapturedRun(_StepFactorsBase):
                 for k, entries in self._entries(step).items()}
         if self._dir is None:
             self._steps[step.t] = (step.idx.clone(), kept)
-        else:  # one file a step, tensors cloned so that none drags a larger storage along
-            torch.save((step.idx.clone(), _map_tensors(kept, torch.clone)), self._path(step.t))
+        else:  # one file a step; a view is cloned so that it drags no larger storage along (a storage two
+            # layers share, such as a block's input, is written once)
+            torch.save((step.idx.clone(), _map_tensors(kept, _own_storage)), self._path(step.t))
 
     def _path(self, t: int) -> str:
         return os.path.join(self._dir.name, f"step-{t}.pt")
@@ -1283,6 +1272,12 @@ def _map_tensors(obj, fn):
     if isinstance(obj, (tuple, list)):
         return type(obj)(_map_tensors(o, fn) for o in obj)
     return obj
+
+
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """``t`` where it spans its whole storage, else a compact clone."""
+    whole = t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.nbytes
+    return t if whole else t.clone()
 
 
 def _cast(saved, dtype: torch.dtype):

@@ -268,10 +268,9 @@ class RunStore:
                         if capture is None:
                             g = advance(model, params, criterion, traj, t, xb, y[idx], out=g_buffer)[3]
                         else:
-                            x_in = capture.inputs(xb)
-                            _, _, loss, g = advance(model, params, criterion, traj, t, x_in, y[idx],
+                            _, _, loss, g = advance(model, params, criterion, traj, t, xb, y[idx],
                                                     retain_graph=capture.second_pass, out=g_buffer)
-                            capture.after_step(loss, x_in, params)
+                            capture.after_step(loss)
                             del loss
                             captured = capture.take()
                 else:

@@ -235,9 +235,8 @@ class Recorder(Protocol):
     :meth:`state_dict` and :meth:`load_state_dict` serve checkpoints only.
 
     A recorder whose ``second_pass`` attribute is True runs a backward pass of
-    its own through each step's graph (kept for it): the step reads its
-    inputs as ``recorder.inputs(xb)`` and, after its gradient, calls
-    ``recorder.after_step(loss, inputs, params)``
+    its own through each step's graph (kept for it): after the step's
+    gradient, the run calls ``recorder.after_step(loss)``
     (:class:`hydraclean.projection.ConstantStatisticsCapture`'s protocol).
     """
 
@@ -458,11 +457,10 @@ def run_training(
         with checkpoint.interruptible() if checkpoint is not None else contextlib.nullcontext():
             for t, idx, xb in steps:
                 yb = y[idx]
-                x_in = recorder.inputs(xb) if second_pass else xb
-                logits, losses, loss, g = advance(model, params, criterion, trajectory, t, x_in, yb,
+                logits, losses, loss, g = advance(model, params, criterion, trajectory, t, xb, yb,
                                                   retain_graph=second_pass, out=g_buffer)
                 if second_pass:
-                    recorder.after_step(loss, x_in, params)
+                    recorder.after_step(loss)
                 if recorder is not None:
                     recorder.record(Step(t, idx, xb, yb, w, state, g))
                 step_in_place(rule, w, state, g, t + 1, trajectory.hyper_at(t))
