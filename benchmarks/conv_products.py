@@ -4,8 +4,9 @@ For each distinct convolution of torchvision's ResNet-18 on 32x32 images (found 
 hooks: input size, channels, kernel, stride), a batch of 64 samples with seeded inputs and output gradients,
 and K = 1, 2, 4 and 11 directions (11: the default fit's 10 class directions and their weighted sum), times
 
-- *direct*: ``ConvAlgebra._unfolded_products``, the directions times the unfolded input (without the rows
-  that read only padding), no per-sample gradient formed;
+- *direct*: ``DirectForm.products`` of the form ``ConvAlgebra.prepare`` makes once per projection (the
+  directions times the unfolded input without the rows that read only padding, or, at inputs smaller than
+  the kernel's reach, the dense map between input and output positions), no per-sample gradient formed;
 - *per-sample*: ``LayerAlgebra.apply``, the per-sample gradients in blocks of
   ``hydraclean.layers.GRADIENT_CHUNK_BYTES`` times the directions, and the same with 16 and 64 MiB blocks;
 
@@ -35,7 +36,7 @@ from torch import nn
 
 from measure import emit, median_ms  # noqa: I001  (benchmarks/ is on sys.path when run as a script)
 from hydraclean import layers
-from hydraclean.layers import ConvAlgebra, LayerAlgebra
+from hydraclean.layers import ConvAlgebra, DirectForm, LayerAlgebra
 
 BATCH = 64
 DIRECTIONS = [1, 2, 4, 11]
@@ -107,7 +108,8 @@ def main() -> None:
         positions = d[0, 0].numel()
         for k in directions:
             V = torch.randn(k, alg.size, generator=gen)
-            direct = median_ms(lambda: alg._unfolded_products(a, d, V), repeats)
+            form = DirectForm.of(module, V, shape[1:], dense=True)
+            direct = median_ms(lambda: form.products(a, d), repeats)
             per = median_ms(lambda: LayerAlgebra.apply(alg, a, [d], V), repeats)
             others = []
             for mib in BLOCKS_MIB:

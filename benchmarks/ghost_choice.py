@@ -2,11 +2,14 @@
 
 For ResNet-18's 3x3 convolutions on 32x32 images (second stage: 4x4 output positions, third: 2x2, fourth:
 1x1), a batch of 64 training samples and 10 class directions, times ``hydraclean.ghost.ghost_products``
-(against 100, 500 and 2000 validation rows) and the layer's own ``ConvAlgebra.apply`` (the directions applied
-to the unfolded inputs, without the rows that read only padding), beside the same products by one
-convolution of the inputs with the directions (``ConvAlgebra._convolved_products``, the form before the
-unfolded one), and says which one ``hydraclean.ghost.pays`` picks, with the convolution's ``ghost_penalty``
-and without it (1.0). One torch thread, median of 5 calls after one warm-up, seeded inputs.
+(against 100, 500 and 2000 validation rows; by input positions where ``ConvAlgebra.by_positions`` takes
+them at that input size, *form* "positions", else by the unfolded input) and the layer's own
+``ConvAlgebra.apply`` with the directions as ``ConvAlgebra.prepare`` forms them once per projection (the
+unfolded inputs without the rows that read only padding, or the dense map at inputs smaller than the
+kernel's reach), beside the same products by one convolution of the inputs with the directions
+(``ConvAlgebra._convolved_products``), and says which one ``hydraclean.ghost.pays`` picks, with the
+convolution's ``ghost_penalty`` and without it (1.0). One torch thread, median of 5 calls after one warm-up,
+seeded inputs.
 
 ``--fits N``: then the default fit of benchmarks/architectures.py's BatchNorm ResNet-18 row on its first
 1,000 images, with the penalty and without it, alternating, N rounds in one process (the scores agree to
@@ -29,7 +32,7 @@ from torch import nn
 
 from measure import median_ms  # noqa: I001  (benchmarks/ is on sys.path when run as a script)
 from hydraclean.ghost import ghost_products, pays
-from hydraclean.layers import ConvAlgebra
+from hydraclean.layers import ConvAlgebra, GhostFactors
 
 BATCH, K = 64, 10
 #: (in channels, out channels, input side, stride): ResNet-18's 3x3 convolutions at 32x32 inputs
@@ -52,9 +55,9 @@ def main() -> None:
         f"batch (median of {repeats}). *picks*: what `pays` chooses with the convolution's ghost_penalty "
         f"({ConvAlgebra.ghost_penalty}) and without it (1.0); ✓ where that is the faster one.",
         "",
-        "| convolution | output positions | validation rows | ghost ms | own product ms | by convolution ms | "
-        "picks | picks without the penalty |",
-        "|---|---|---|---|---|---|---|---|",
+        "| convolution | output positions | validation rows | ghost form | ghost ms | own product ms | "
+        "by convolution ms | picks | picks without the penalty |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     right = {True: 0, False: 0}
     for c_in, c_out, side, stride in shapes:
@@ -64,9 +67,11 @@ def main() -> None:
         a = torch.randn(BATCH, c_in, side, side, generator=gen)
         d = torch.randn(BATCH, c_out, out_side, out_side, generator=gen)
         V = torch.randn(K, conv.weight.numel(), generator=gen)
+        alg.in_shape = (c_in, side, side)  # as the probe sets it: the forms for this input size
         factors = alg.ghost_factors(a, [d])
-        one = (factors[0][0], factors[1][0])
-        own = median_ms(lambda: alg.apply(a, [d], V), repeats)
+        one = GhostFactors(factors.u[0], factors.delta[0], factors.in_size)
+        prepared = alg.prepare(V)
+        own = median_ms(lambda: alg.apply(a, [d], prepared), repeats)
         convolved = median_ms(lambda: alg._convolved_products(a, d, V), repeats)
         for n in row_counts:
             rows = alg.ghost_factors(torch.randn(n, c_in, side, side, generator=gen),
@@ -81,7 +86,8 @@ def main() -> None:
                 right[penalty == 1.0] += choice == faster
                 cells.append(("ghost" if choice else "own") + (" ✓" if choice == faster else ""))
             del alg.ghost_penalty
-            lines.append(f"| {c_in}->{c_out}, stride {stride} | {out_side}x{out_side} | {n} | {ghost:.1f} | "
+            form = "positions" if alg.by_positions() else "unfolded"
+            lines.append(f"| {c_in}->{c_out}, stride {stride} | {out_side}x{out_side} | {n} | {form} | {ghost:.1f} | "
                          f"{own:.1f} | {convolved:.1f} | {cells[0]} | {cells[1]} |")
     total = len(shapes) * len(row_counts)
     lines += ["", f"The faster product picked: {right[False]} of {total} with the penalty, {right[True]} of {total} "

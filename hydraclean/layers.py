@@ -35,8 +35,10 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,8 +47,10 @@ from torch.func import functional_call, vjp, vmap
 __all__ = [
     "AttentionAlgebra",
     "ConvAlgebra",
+    "DirectForm",
     "EmbeddingAlgebra",
     "EmbeddingBagAlgebra",
+    "GhostFactors",
     "LayerAlgebra",
     "LinearAlgebra",
     "ModuleAlgebra",
@@ -70,6 +74,11 @@ UNFOLD_LIMIT = 100_000
 #: within the timings' noise. 1x1 convolutions (a few milliseconds either way) are the exception.
 DIRECT_LIMIT = 48
 
+#: Up to this many terms of a convolution's positional pattern (:meth:`ConvAlgebra.ghost_pattern`), the ghost
+#: product's Gram matrix adds them one by one (36 at 2x2 under a 3x3 kernel), else it multiplies by the
+#: pattern as a matrix (:func:`hydraclean.ghost.ghost_products`).
+FEW_TERMS = 64
+
 #: Bytes of a convolution's products with a block of directions formed at once.
 CHUNK_BYTES = 64 * 2**20
 
@@ -77,6 +86,17 @@ CHUNK_BYTES = 64 * 2**20
 #: CPU's cache while the directions read it. On ResNet-18's 4x4 convolutions 1-2 MiB blocks were 1.5-2x
 #: faster than 16-64 MiB ones (benchmarks/conv_products.py).
 GRADIENT_CHUNK_BYTES = 2 * 2**20
+
+
+class GhostFactors(NamedTuple):
+    """A layer's factors for the ghost product (:mod:`hydraclean.ghost`): ``u`` (b, S, in) and ``delta`` (b, P,
+    out), with each sample's weight gradient ``sum_p delta_p u_p'`` (``S = P``; ``in_size`` None), or, for a
+    convolution by input positions, ``u`` its input at each of its ``S`` positions and ``in_size`` their
+    spatial size (:meth:`ConvAlgebra.ghost_pattern` joins them)."""
+
+    u: torch.Tensor
+    delta: torch.Tensor
+    in_size: tuple | None = None
 
 
 class LayerAlgebra:
@@ -113,6 +133,8 @@ class LayerAlgebra:
     #: Time of one multiply-add of the ghost product (:mod:`hydraclean.ghost`) in units of one of :meth:`cost`'s
     #: (what :func:`hydraclean.ghost.pays` weighs the two by)
     ghost_penalty: ClassVar[float] = 1.0
+    #: One sample's first input shape as the probe saw it (:class:`hydraclean.projection.LayerPlan`), if known
+    in_shape: tuple | None = None
 
     def __init__(self, module: nn.Module, in_dim: int = 0, out_dim: int = 0) -> None:
         self.module = module
@@ -164,17 +186,23 @@ class LayerAlgebra:
         """``<V_k, g_i>`` from the factors, shape (b, K), for ``V`` of shape (K, size)."""
         raise NotImplementedError
 
-    def ghost_factors(self, saved, deltas: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(u, delta)`` of shapes (b, P, in), (b, P, out) with the weight's per-sample gradient ``sum_p
-        delta_p u_p'`` (see :mod:`hydraclean.ghost`); None where the layer has no such form."""
+    def ghost_factors(self, saved, deltas: list[torch.Tensor]) -> GhostFactors | None:
+        """The factors of the ghost product (:mod:`hydraclean.ghost`); None where the layer has no such form."""
         return None
 
     def cost(self, n_directions: int, positions: int) -> float:
         """Multiply-adds per sample of :meth:`apply` with ``n_directions`` directions."""
         return float(self.size * n_directions)
 
+    def prepare(self, V: torch.Tensor) -> torch.Tensor | DirectForm:
+        """The directions (K, size) as :meth:`apply` reads them at every step, formed once per projection (a
+        layer whose products would otherwise copy them every step: contiguous, or a :class:`DirectForm`);
+        by default ``V`` itself."""
+        return V
+
     def apply(self, saved, deltas: list[torch.Tensor], V: torch.Tensor) -> torch.Tensor:
-        """``<V_k, g_i>`` by whichever form the layer has, shape (b, K) (dense gradients formed in chunks)."""
+        """``<V_k, g_i>`` by whichever form the layer has, shape (b, K) (dense gradients formed in chunks); ``V``
+        of shape (K, size), or as :meth:`prepare` returned it."""
         if self.factored:
             return self.products(self.factors(saved, deltas), V)
         out = V.new_zeros(deltas[0].shape[0], V.shape[0])
@@ -225,10 +253,13 @@ class LinearAlgebra(LayerAlgebra):
         return a.reshape(b, -1, a.shape[-1]), d.reshape(b, -1, d.shape[-1])
 
     def ghost_factors(self, saved, deltas):
-        return self.factors(saved, deltas) if self.weight else None
+        return GhostFactors(*self.factors(saved, deltas)) if self.weight else None
 
     def cost(self, n_directions, positions):
         return float(min(positions * n_directions, positions + n_directions) * self.size)
+
+    def prepare(self, V):
+        return V.contiguous()  # the products' reshape of the weight's directions is then a view
 
     def gradients(self, saved, deltas):
         a, d = self.factors(saved, deltas)
@@ -277,7 +308,8 @@ class ConvAlgebra(LayerAlgebra):
         self.bias = module.bias is not None and module.bias.requires_grad
         self.fast = (isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
                      and not isinstance(module.padding, str))
-        self._live: dict[tuple, torch.Tensor | None] = {}  # input size -> rows of the unfolded input read
+        self._patterns: dict[tuple, torch.Tensor] = {}  # (input size, rows' input size) -> ghost_pattern
+        self._by_positions: bool | None = None
 
     def gradients(self, saved, deltas):
         a, d = saved, deltas[0]
@@ -290,12 +322,50 @@ class ConvAlgebra(LayerAlgebra):
         return _flat(parts, b)
 
     def ghost_factors(self, saved, deltas):
-        m = self.module
+        """By the unfolded input, or, where the probe's input is smaller than the kernel's reach
+        (:meth:`by_positions`), by the input's positions."""
+        m, a, d = self.module, saved, deltas[0]
         if not (self.fast and self.weight):
             return None
-        u = F.unfold(saved, m.kernel_size, m.dilation, m.padding, m.stride).transpose(1, 2)
-        d = deltas[0]
-        return u, d.reshape(d.shape[0], d.shape[1], -1).transpose(1, 2)
+        delta = d.reshape(d.shape[0], d.shape[1], -1).transpose(1, 2)
+        if self.by_positions():
+            return GhostFactors(a.reshape(a.shape[0], a.shape[1], -1).transpose(1, 2), delta, tuple(a.shape[2:]))
+        return GhostFactors(F.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride).transpose(1, 2), delta)
+
+    def ghost_pattern(self, size: tuple, row_size: tuple) -> torch.Tensor:
+        """The ``(p, q, s, r)`` that one tap joins: output position ``p`` to input position ``s`` at the input
+        size ``size``, and ``q`` to ``r`` at ``row_size``; shape (terms, 4) (:mod:`hydraclean.ghost`)."""
+        key = (size, row_size)
+        if key not in self._patterns:
+            reads = input_reads(self.module, size, torch.device("cpu"))  # (taps, P)
+            row_reads = input_reads(self.module, row_size, torch.device("cpu"))
+            terms = []
+            for t in range(reads.shape[0]):
+                p, q = torch.nonzero(reads[t] >= 0)[:, 0], torch.nonzero(row_reads[t] >= 0)[:, 0]
+                pp, qq = torch.meshgrid(p, q, indexing="ij")
+                terms.append(torch.stack([pp, qq, reads[t, pp], row_reads[t, qq]], -1).reshape(-1, 4))
+            self._patterns[key] = torch.cat(terms)
+        return self._patterns[key]
+
+    def by_positions(self) -> bool:
+        """Whether the ghost product goes by input positions at the probe's input size: fewer multiply-adds
+        per pair of samples (``S^2 in + terms`` against ``P^2 in kh kw``)."""
+        if not self.fast or self.in_shape is None:
+            return False
+        if self._by_positions is None:
+            size = tuple(self.in_shape[1:])
+            taps, positions = input_reads(self.module, size, torch.device("cpu")).shape
+            s, n_in = int(np.prod(size)), self.module.in_channels
+            self._by_positions = s**2 * n_in + self.joining_cost(size) < positions**2 * n_in * taps
+        return self._by_positions
+
+    def joining_cost(self, size: tuple) -> int:
+        """Multiply-adds per pair of samples (both at input size ``size``) to join their input positions'
+        and output positions' products by :meth:`ghost_pattern`: its terms one by one when there are at most
+        :data:`FEW_TERMS`, else the pattern as a (P^2, S^2) matrix."""
+        pattern = self.ghost_pattern(size, size)
+        positions, s = int(pattern[:, 0].max()) + 1, int(np.prod(size))
+        return pattern.shape[0] if pattern.shape[0] <= FEW_TERMS else positions**2 * s**2
 
     @staticmethod
     def takes_direct(n_directions: int, positions: int) -> bool:
@@ -305,23 +375,47 @@ class ConvAlgebra(LayerAlgebra):
 
     def cost(self, n_directions, positions):
         if self.takes_direct(n_directions, positions):
-            return float(n_directions * positions * self.size)
+            return float(n_directions * positions * self.size * self._read_share())
         # the per-sample gradients: formed (P per value) and read, at memory speed (x4, measured)
         return float(4 * (positions + n_directions) * self.size)
+
+    def _read_share(self) -> float:
+        """The share of the weight's multiply-adds per output position that the direct products run at the
+        probe's input size (:class:`DirectForm`: taps that read only padding skipped); 1 where unknown."""
+        if not self.fast or self.in_shape is None:
+            return 1.0
+        reads = input_reads(self.module, tuple(self.in_shape[1:]), torch.device("cpu"))
+        live = int((reads >= 0).any(1).sum())
+        return min(live, int(np.prod(self.in_shape[1:]))) / reads.shape[0]
+
+    def prepare(self, V):
+        """A :class:`DirectForm` where the direct products will be taken at the probe's input size, else the
+        directions contiguous (the per-sample gradients' products read them at every step)."""
+        if self.fast and self.weight and self.in_shape is not None:
+            size = tuple(self.in_shape[1:])
+            if self.takes_direct(V.shape[0], input_reads(self.module, size, V.device).shape[1]):
+                return DirectForm.of(self.module, V, size, dense=True)
+        return V.contiguous()
 
     def apply(self, saved, deltas, V):
         """``<V_k, g_i>``: by the per-sample gradients, or, when a sample's output has few positions, by
         the directions applied to the input themselves (``sum_p delta_ip . (V_k * x_i)_p``: ``K`` times the
-        layer's forward pass, no per-sample gradient formed), as a matrix product over the unfolded input
-        (:meth:`_unfolded_products`) for the fast kind, a convolution otherwise."""
+        layer's forward pass, no per-sample gradient formed), by a :class:`DirectForm` for the fast kind (the
+        one :meth:`prepare` made, or one formed for this call), a convolution otherwise."""
+        form = V if isinstance(V, DirectForm) else None
+        V = V.V if form is not None else V
         a, d = saved, deltas[0]
         b, k = a.shape[0], V.shape[0]
         positions = d[0, 0].numel()
         if not self.takes_direct(k, positions):
             return super().apply(saved, deltas, V)
         out = V.new_zeros(b, k)
-        if self.weight:
-            out += self._unfolded_products(a, d, V) if self.fast else self._convolved_products(a, d, V)
+        if self.weight and self.fast:
+            if form is None or form.in_size != tuple(a.shape[2:]):
+                form = DirectForm.of(self.module, V, tuple(a.shape[2:]), dense=False)
+            out += form.products(a, d)
+        elif self.weight:
+            out += self._convolved_products(a, d, V)
         if self.bias:
             out += d.reshape(b, d.shape[1], -1).sum(2) @ V[:, -self.module.out_channels :].T
         return out
@@ -344,40 +438,6 @@ class ConvAlgebra(LayerAlgebra):
             z = m._conv_forward(a, W, None).reshape(b, g, kk, n_out // g, positions)
             out[:, start : start + kk] = torch.einsum("bgkop,bgop->bk", z, flat)
         return out
-
-    def _unfolded_products(self, a: torch.Tensor, d: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-        """The direct products as one matrix product per block of directions, ``(K out, in kh kw) x (in kh kw, b
-        P)``, over the unfolded input without its padding-only rows: at a ResNet's 2x2 and 1x1 positions most of
-        a 3x3 kernel's taps read only padding, work a convolution does (benchmarks/conv_products.py)."""
-        m = self.module
-        b, k, n_out = a.shape[0], V.shape[0], m.out_channels
-        u = F.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride)  # (b, in kh kw, P)
-        live = self._live_rows(a)
-        u = u[:, live] if live is not None else u
-        rows, positions = u.shape[1:]
-        U = u.transpose(0, 1).reshape(rows, b * positions)
-        flat = d.reshape(b, n_out, positions)
-        out = V.new_empty(b, k)
-        step = max(1, CHUNK_BYTES // max(1, n_out * b * positions * d.element_size()))
-        for start in range(0, k, step):
-            W = V[start : start + step, : m.weight.numel()]
-            kk = W.shape[0]
-            W = W.reshape(kk * n_out, -1)
-            W = W[:, live] if live is not None else W
-            z = (W @ U).reshape(kk, n_out, b, positions)
-            out[:, start : start + kk] = torch.einsum("kobp,bop->bk", z, flat)
-        return out
-
-    def _live_rows(self, a: torch.Tensor) -> torch.Tensor | None:
-        """The unfolded input's rows (input channel, tap) that some output position reads inside the input, for
-        its spatial size (None when every tap does); by geometry, the same for every batch."""
-        key = tuple(a.shape[2:])
-        if key not in self._live:
-            m = self.module
-            ones = torch.ones(1, 1, *key, dtype=a.dtype, device=a.device)
-            taps = F.unfold(ones, m.kernel_size, m.dilation, m.padding, m.stride)[0].sum(1) > 0
-            self._live[key] = None if bool(taps.all()) else taps.repeat(a.shape[1])
-        return self._live[key]
 
     def _vmapped(self, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         m, weight = self.module, self.module.weight.detach()
@@ -413,6 +473,101 @@ def conv2d_sample_gradients(m: nn.Conv2d, a: torch.Tensor, delta: torch.Tensor) 
                         stride=m.dilation, padding=m.padding, dilation=m.stride, groups=b)
         grad = grad[:, :, :kh, :kw].reshape(c, b, o, kh, kw).permute(1, 2, 0, 3, 4)
     return grad.reshape(b, o, c, kh, kw)
+
+
+def input_reads(m: nn.Conv2d, in_size: tuple, device) -> torch.Tensor:
+    """For each kernel tap and output position of a Conv2d (zero padding) at the input size ``in_size``, the
+    input position it reads (row-major), or -1 where it reads padding: shape (kh kw, output positions)."""
+    index = torch.arange(1, int(np.prod(in_size)) + 1, dtype=torch.float64, device=device).reshape(1, 1, *in_size)
+    return F.unfold(index, m.kernel_size, m.dilation, m.padding, m.stride)[0].long() - 1
+
+
+@dataclass(frozen=True)
+class DirectForm:
+    """A Conv2d's weight directions as its direct products take them at one input size, formed once.
+
+    The direct products ``sum_p delta_ip . (V_k * x_i)_p`` are one matrix
+    product of the directions with the inputs. Two forms:
+
+    - unfolded (``dense=False``): ``V`` as a (K out, in kh kw) matrix times the
+      unfolded input, without the unfolded rows that read only padding at this
+      size (:func:`input_reads`);
+    - dense (``dense=True``, taken where the input has fewer positions than
+      the kernel has taps that read it, as a ResNet's last stages at 2x2 and
+      1x1): the convolution at this size is the linear map from the input's
+      ``in x P_in`` values to the output's ``out x P_out``, a matrix holding
+      ``V``'s taps at the (input, output) position pairs a tap joins and zeros
+      elsewhere; one multiply-add per pair, where the unfolded form has one per
+      (tap, output position), padding included (at 2x2 with a 3x3 kernel: 16
+      against 36).
+
+    Attributes
+    ----------
+    in_size : tuple
+        The input's spatial size the form is for.
+    geometry : tuple
+        The convolution's kernel size, dilation, padding and stride (:func:`F.unfold`'s arguments).
+    dense : bool
+    matrix : Tensor
+        Dense: (in P_in, K out P_out); unfolded: (K out, live rows).
+    rows : Tensor or None
+        Unfolded: the unfolded input's rows kept (None: all).
+    V : Tensor of shape (K, size)
+        The directions the form was made from.
+    """
+
+    in_size: tuple
+    geometry: tuple
+    dense: bool
+    matrix: torch.Tensor
+    rows: torch.Tensor | None
+    V: torch.Tensor
+
+    @classmethod
+    def of(cls, m: nn.Conv2d, V: torch.Tensor, in_size: tuple, dense: bool) -> DirectForm:
+        """The form of ``V`` (K, size; the weight's columns first) for inputs of spatial size ``in_size``:
+        dense where ``dense`` allows and it takes fewer multiply-adds, else unfolded."""
+        reads = input_reads(m, in_size, V.device)  # (taps, P_out)
+        k, n_out, n_in = V.shape[0], m.out_channels, m.in_channels
+        taps, positions = reads.shape
+        live = (reads >= 0).any(1)
+        weight = V[:, : m.weight.numel()].reshape(k, n_out, n_in, taps)
+        n_positions, geometry = int(np.prod(in_size)), (m.kernel_size, m.dilation, m.padding, m.stride)
+        if dense and n_positions < int(live.sum()):
+            tap, p = torch.nonzero(reads >= 0, as_tuple=True)
+            M = V.new_zeros(n_in, n_positions, k, n_out, positions)
+            M.permute(1, 4, 0, 2, 3)[reads[tap, p], p] = weight.permute(3, 2, 0, 1)[tap]
+            return cls(in_size, geometry, True, M.reshape(n_in * n_positions, k * n_out * positions), None, V)
+        rows = None if bool(live.all()) else live.repeat(n_in)
+        W = weight.reshape(k * n_out, n_in * taps)
+        return cls(in_size, geometry, False, W.contiguous() if rows is None else W[:, rows], rows, V)
+
+    def products(self, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """The weight's ``<V_k, g_i>`` for inputs ``a`` (b, in, *in_size) and output gradients ``d`` (b, out,
+        *out_size), shape (b, K), in blocks of directions of at most :data:`CHUNK_BYTES`."""
+        b, k = a.shape[0], self.V.shape[0]
+        flat = d.reshape(b, -1)  # (b, out P_out)
+        out = a.new_empty(b, k)
+        if self.dense:
+            q, x = flat.shape[1], a.reshape(b, -1)
+            step = max(1, CHUNK_BYTES // max(1, b * q * a.element_size()))
+            for start in range(0, k, step):
+                kk = min(step, k - start)
+                z = x @ self.matrix[:, start * q : (start + kk) * q]  # (b, kk out P_out)
+                out[:, start : start + kk] = torch.bmm(z.reshape(b, kk, q), flat.unsqueeze(2)).squeeze(2)
+            return out
+        u = F.unfold(a, *self.geometry)  # (b, in kh kw, P_out)
+        u = u[:, self.rows] if self.rows is not None else u
+        n_rows, positions = u.shape[1:]
+        U = u.transpose(0, 1).reshape(n_rows, b * positions)
+        n_out = d.shape[1]
+        step = max(1, CHUNK_BYTES // max(1, n_out * b * positions * d.element_size()))
+        flat = flat.reshape(b, n_out, positions)
+        for start in range(0, k, step):
+            kk = min(step, k - start)
+            z = (self.matrix[start * n_out : (start + kk) * n_out] @ U).reshape(kk, n_out, b, positions)
+            out[:, start : start + kk] = torch.einsum("kobp,bop->bk", z, flat)
+        return out
 
 
 class EmbeddingAlgebra(LayerAlgebra):

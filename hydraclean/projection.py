@@ -47,7 +47,16 @@ from torch.func import functional_call
 from .gradients import PerSampleLoss, directional_derivatives, parameter_dict
 from .hypergradient import free_factors, step_weights
 from .ghost import GhostRows, ghost_products, pays
-from .layers import CHUNK_BYTES, ConvAlgebra, LayerAlgebra, algebra_for, column_ranges, layers_of
+from .layers import (
+    CHUNK_BYTES,
+    ConvAlgebra,
+    DirectForm,
+    GhostFactors,
+    LayerAlgebra,
+    algebra_for,
+    column_ranges,
+    layers_of,
+)
 from .modes import set_modes, training_modes
 from .run_store import RunStore
 from .spill import spill_location
@@ -395,6 +404,9 @@ class LayerPlan:
     kept_bytes : float
         What :class:`CapturedRun` keeps of the layer per sample and step (all
         its calls), measured on the probe batch.
+    in_shape : tuple
+        One sample's first input shape (batch dimension dropped), as the probe
+        saw it first (:attr:`hydraclean.layers.LayerAlgebra.in_shape`).
     """
 
     algebra: type
@@ -406,9 +418,12 @@ class LayerPlan:
     reads_inputs: bool
     out_shape: tuple
     kept_bytes: float = 0.0
+    in_shape: tuple | None = None
 
     def make(self, layer: nn.Module) -> LayerAlgebra:
-        return self.algebra(layer, self.in_dim, self.out_dim)
+        algebra = self.algebra(layer, self.in_dim, self.out_dim)
+        algebra.in_shape = self.in_shape
+        return algebra
 
     @property
     def factor_values(self) -> int:
@@ -466,8 +481,10 @@ def probe_layers(module: nn.Module, criterion: nn.Module, x: torch.Tensor, y: to
         cls = algebra_for(m)
         reads = cls is ConvAlgebra and cls(m).fast and all(c[2] for c in calls) and data is not None
         out_shape = tuple(int(s) for i, s in enumerate(calls[0][1]) if i != out_dim)
+        in_shape = tuple(int(s) for i, s in enumerate(calls[0][0]) if i != in_dim)
         plans.append(LayerPlan(cls, in_dim, out_dim, len(calls), sum(p.numel() for p in m.parameters()
-                                                                      if p.requires_grad), None, reads, out_shape))
+                                                                      if p.requires_grad), None, reads, out_shape,
+                               in_shape=in_shape))
     yb = y[:n]
     algebras = [p.make(m) for p, m in zip(plans, layers)]
     for p, alg in zip(plans, algebras):
@@ -568,10 +585,14 @@ class LayerFactorProjector:
     layer's factors; each layer's algebra then gives ``<V, g_i>``. With
     ``ghost`` (the directions as combinations of validation samples' own
     gradients), a layer where it costs less takes the ghost product
-    (:mod:`hydraclean.ghost`). A layer without compact factors has its
-    per-sample gradients either summed into an ``N x p_layer`` buffer with the
-    step's weight (when ``accumulate_bytes`` holds them all and the directions
-    are the projector's own) or multiplied by the directions every step.
+    (:mod:`hydraclean.ghost`). Out of ``accumulate_bytes``, first every other
+    layer's directions as its products read them at every step
+    (:meth:`hydraclean.layers.LayerAlgebra.prepare`: a convolution's
+    :class:`hydraclean.layers.DirectForm`, formed once instead of every step),
+    then, for a remaining layer without compact factors, its per-sample
+    gradients summed into an ``N x p_layer`` buffer with the step's weight
+    (when the directions are the projector's own); else its per-sample
+    gradients are multiplied by the directions every step.
 
     Parameters
     ----------
@@ -606,16 +627,29 @@ class LayerFactorProjector:
         self.columns = [_columns(self.model, m, a, directions.device) for m, a in zip(self.layers, self.algebras)]
         self.directions = directions
         self.out = directions.new_zeros(n_samples, directions.shape[0])
-        self.sums: dict[int, torch.Tensor] = {}  # dense layers' summed per-sample gradients
-        for k, (alg, cols) in enumerate(zip(self.algebras, self.columns)):
-            if not alg.factored and alg.dense and n_samples * alg.size * directions.element_size() <= accumulate_bytes:
-                accumulate_bytes -= n_samples * alg.size * directions.element_size()
-                self.sums[k] = directions.new_zeros(n_samples, alg.size)
-        self.row_factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.row_factors: dict[int, GhostFactors] = {}
         self.mixing = None
         if ghost is not None:
             self.mixing = ghost.mixing.to(directions.dtype)
             self.row_factors = self._row_factors(modes, constant_stats, ghost)
+        # the other layers' directions as their products read them every step, formed once where they fit
+        # (first: a form saves time at every step), then the sums of the remaining dense layers
+        self.prepared: dict[int, object] = {}
+        self.sums: dict[int, torch.Tensor] = {}  # dense layers' summed per-sample gradients
+        for k, (alg, cols) in enumerate(zip(self.algebras, self.columns)):
+            if k in self.row_factors or not accumulate_bytes:
+                continue
+            prepared = alg.prepare(directions[:, cols])
+            held = _new_bytes(prepared, directions)
+            if 0 < held <= accumulate_bytes:
+                accumulate_bytes -= held
+                self.prepared[k] = prepared
+        for k, alg in enumerate(self.algebras):
+            held = n_samples * alg.size * directions.element_size()
+            if (k not in self.row_factors and k not in self.prepared and not alg.factored and alg.dense
+                    and held <= accumulate_bytes):
+                accumulate_bytes -= held
+                self.sums[k] = directions.new_zeros(n_samples, alg.size)
 
     def capture_at(self, params: dict, xb: torch.Tensor, yb: torch.Tensor) -> dict[int, list]:
         """Every layer's caught entries for the batch at ``params`` (forward under the projector's autocast)."""
@@ -629,8 +663,8 @@ class LayerFactorProjector:
     def _row_factors(self, modes, constant_stats, ghost: GhostRows, batch_size: int = 64,
                      budget: int = ROW_FACTOR_BYTES) -> dict:
         """The validation samples' eval-mode ghost factors ``(u_j, delta_j)`` at ``ghost.model``'s weights,
-        for the layers (called once per pass, without dense sums) where the ghost product pays, as long as
-        they fit in ``budget`` bytes."""
+        for the layers (called once per pass) where the ghost product pays, as long as they fit in ``budget``
+        bytes."""
         # the trained model itself (its BatchNorms' running statistics are w_T's, not the architecture's)
         evaluator = private_copy(ghost.model, modes, constant_stats).eval()
         layers = layers_of(evaluator)
@@ -649,22 +683,24 @@ class LayerFactorProjector:
                     capture.backward(self.criterion(functional_call(evaluator, params, (xr,)), yr).mean())
                 for k, entries in capture.take().items():
                     alg = algebras[k]
-                    if k in self.sums or len(entries) != 1 or (chosen is not None and k not in chosen):
+                    if len(entries) != 1 or (chosen is not None and k not in chosen):
                         continue
                     deltas = [d.to(dtype) for d in _deltas(alg, entries[0], xr.shape[0])]
                     factors = alg.ghost_factors(_cast(entries[0]["saved"], dtype), deltas)
                     if factors is None:
                         continue
                     if chosen is None:  # the first batch: does it pay, and do all samples' factors fit?
-                        held = n * sum(f[0].numel() for f in factors) * factors[0].element_size()
-                        if held > budget or not pays(alg, (factors[0][0], factors[1][0]), n, n_directions):
+                        held = n * (factors.u[0].numel() + factors.delta[0].numel()) * factors.u.element_size()
+                        one = GhostFactors(factors.u[0], factors.delta[0], factors.in_size)
+                        if held > budget or not pays(alg, one, n, n_directions):
                             continue
                         budget -= held
                     parts.setdefault(k, []).append(factors)
                 chosen = set(parts)
         finally:
             capture.detach()
-        return {k: (torch.cat([u for u, _ in v]), torch.cat([d for _, d in v])) for k, v in parts.items()}
+        return {k: GhostFactors(torch.cat([f.u for f in v]), torch.cat([f.delta for f in v]), v[0].in_size)
+                for k, v in parts.items()}
 
     def add(self, params: dict[str, torch.Tensor], idx: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor,
             weight: float, directions: torch.Tensor | None = None) -> None:
@@ -715,7 +751,7 @@ class LayerFactorProjector:
                 elif own and k in self.row_factors:
                     d += ghost_products(alg, alg.ghost_factors(saved, deltas), self.row_factors[k], self.mixing)
                 else:
-                    d += alg.apply(saved, deltas, V[:, cols])
+                    d += alg.apply(saved, deltas, self.prepared.get(k, V[:, cols]) if own else V[:, cols])
         self.out.index_add_(0, idx, d, alpha=weight)
 
     def result(self) -> torch.Tensor:
@@ -1262,6 +1298,14 @@ def _tensors(obj) -> list[torch.Tensor]:
 
 def _nbytes(obj) -> int:
     return sum(t.numel() * t.element_size() for t in _tensors(obj))
+
+
+def _new_bytes(obj, base: torch.Tensor) -> int:
+    """Bytes of ``obj``'s tensors (a :class:`DirectForm`'s included) that do not share ``base``'s storage."""
+    if isinstance(obj, DirectForm):
+        obj = [obj.matrix, obj.V]
+    ptr = base.untyped_storage().data_ptr()
+    return sum(t.numel() * t.element_size() for t in _tensors(obj) if t.untyped_storage().data_ptr() != ptr)
 
 
 def _map_tensors(obj, fn):

@@ -9,7 +9,9 @@ from hydraclean.gradients import flatten, parameter_dict, unflatten
 from hydraclean.layers import (
     AttentionAlgebra,
     ConvAlgebra,
+    DirectForm,
     EmbeddingAlgebra,
+    GhostFactors,
     EmbeddingBagAlgebra,
     LayerAlgebra,
     LinearAlgebra,
@@ -318,8 +320,9 @@ def test_ghost_products_of_a_batchnorm_model_read_the_trained_running_statistics
 def test_ghost_products_are_taken_where_they_cost_less():
     """A wide convolution at one output position against 10 class directions: the ghost product (n_val
     (in + out) per sample) beats the directions' own (10 in out); at 64 positions it does not. At 4
-    positions (ResNet-18's third stage on 32x32 images) the multiply-adds are level against 500 rows, and
-    the convolution, twice as fast per multiply-add, wins; against 100 rows the ghost product does."""
+    positions (ResNet-18's third stage on 32x32 images) the multiply-adds of the unfolded input's ghost
+    product are level against 500 rows, and the convolution, twice as fast per multiply-add, wins; against
+    100 rows the ghost product does, and by input positions (the probe's 2x2 inputs) against 500."""
     from hydraclean.ghost import pays
 
     alg = ConvAlgebra(nn.Conv2d(256, 512, 3, padding=1))
@@ -329,6 +332,9 @@ def test_ghost_products_are_taken_where_they_cost_less():
     stage3 = ConvAlgebra(nn.Conv2d(256, 256, 3, padding=1))
     four = (torch.zeros(4, 256 * 9), torch.zeros(4, 256))
     assert not pays(stage3, four, 500, 10) and pays(stage3, four, 100, 10)
+    stage3.in_shape = (256, 2, 2)  # by input positions: 16 (in + out) + 36 per pair against 16 (9 in + out)
+    by_positions = stage3.ghost_factors(torch.zeros(1, 256, 2, 2), [torch.zeros(1, 256, 2, 2)])
+    assert pays(stage3, GhostFactors(by_positions.u[0], by_positions.delta[0], (2, 2)), 500, 10)
     head = LinearAlgebra(nn.Linear(512, 10))
     assert not pays(head, (torch.zeros(1, 512), torch.zeros(1, 10)), 500, 10)
     assert pays(head, (torch.zeros(1, 512), torch.zeros(1, 10)), 500, 1010)  # the cluster strategy's rows
@@ -336,13 +342,20 @@ def test_ghost_products_are_taken_where_they_cost_less():
 
 @pytest.mark.parametrize("accumulate_bytes", [0, 10**6])
 def test_dense_layers_summed_or_projected_every_step_agree(accumulate_bytes):
-    module = ref.tiny_conv_net().train()
+    """With room, the convolutions' directions are prepared (contiguous, or their direct form) and the
+    GroupNorm's per-sample gradients summed; without, every layer takes the directions as given."""
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.GroupNorm(1, 2), nn.ReLU(inplace=True),
+                           nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.Flatten(), nn.Linear(3 * 3 * 3, 3)).double()
     xb, yb = batch((1, 6, 6))
     V = torch.randn(4, trainable(module), dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     idx = torch.tensor([4, 0, 7, 2, 5])
     projector = LayerFactorProjector(module, CE, V, 9, probe_layers(module, CE, xb, yb),
                                      accumulate_bytes=accumulate_bytes)
-    assert bool(projector.sums) == (accumulate_bytes > 0)
+    assert sorted(projector.sums) == ([1] if accumulate_bytes else [])
+    assert sorted(projector.prepared) == ([0, 2, 3] if accumulate_bytes else [])
+    if accumulate_bytes:
+        assert isinstance(projector.prepared[2], DirectForm)  # 3x3 output positions x 4 directions
     with ref.seeded(7):
         projector.add(parameter_dict(module), idx, xb, yb, 0.5)
     expected = torch.zeros(9, 4, dtype=torch.float64)
@@ -409,16 +422,18 @@ def test_conv_products_by_convolving_the_directions_equal_per_sample_gradients(c
     assert ref.relative_error(LayerAlgebra.apply(alg, a, [delta], V), expected) < 1e-12
 
 
-@pytest.mark.parametrize("side,conv", [
-    (1, nn.Conv2d(3, 5, 3, padding=1)),  # a ResNet's fourth stage: 8 of 9 taps read only padding
-    (2, nn.Conv2d(3, 5, 3, padding=1)),
-    (2, nn.Conv2d(3, 5, 3, stride=2, padding=1)),  # 2x2 -> 1x1: 4 taps read the input
-    (3, nn.Conv2d(3, 5, 3, padding=2, dilation=2, bias=False)),
-    (4, nn.Conv2d(3, 5, (1, 3), padding=(0, 1))),  # every tap reads the input at some position
+@pytest.mark.parametrize("side,conv,form", [
+    (1, nn.Conv2d(3, 5, 3, padding=1), "unfolded"),  # a ResNet's fourth stage: 8 of 9 taps read only padding
+    (2, nn.Conv2d(3, 5, 3, padding=1), "dense"),  # 4 input positions against 9 taps reading them
+    (2, nn.Conv2d(3, 5, 3, stride=2, padding=1), "unfolded"),  # 2x2 -> 1x1: 4 taps read the input, 4 positions
+    (3, nn.Conv2d(3, 5, 3, padding=2, dilation=2, bias=False), "unfolded"),
+    (4, nn.Conv2d(3, 5, (1, 3), padding=(0, 1)), "per-sample"),  # 16 positions x 4 directions: no direct form
+    (2, nn.Conv2d(3, 5, (3, 2), padding=1), "dense"),  # 6 taps read the 4 input positions
 ])
-def test_unfolded_products_drop_only_the_rows_that_read_padding(side, conv):
-    """The direct products over the unfolded input, without its padding-only rows, equal the convolution's
-    and the per-sample gradients' (float64)."""
+def test_direct_forms_equal_the_per_sample_gradients_products(side, conv, form):
+    """Both forms of the direct products (the unfolded input without its padding-only rows, and the dense map at
+    small inputs) equal the convolution's and the per-sample gradients' (float64); the prepared form takes the
+    dense one exactly where it has fewer multiply-adds, and another input size falls back to the directions."""
     conv = conv.double()
     g = torch.Generator().manual_seed(0)
     a = torch.randn(6, 3, side, side, dtype=torch.float64, generator=g)
@@ -430,9 +445,47 @@ def test_unfolded_products_drop_only_the_rows_that_read_padding(side, conv):
         conv(a[i : i + 1]), params, delta[i : i + 1])]) for i in range(6)]) @ V.T
     assert alg.fast
     assert ref.relative_error(alg.apply(a, [delta], V), expected) < 1e-12
-    weight_only = V[:, : conv.weight.numel()]
-    assert ref.relative_error(alg._unfolded_products(a, delta, weight_only),
-                              alg._convolved_products(a, delta, weight_only)) < 1e-12
-    live = alg._live_rows(a)
+    convolved = alg._convolved_products(a, delta, V[:, : conv.weight.numel()])
+    for built in (DirectForm.of(conv, V, (side, side), dense=False), DirectForm.of(conv, V, (side, side), dense=True)):
+        assert ref.relative_error(built.products(a, delta), convolved) < 1e-12
+    unfolded = DirectForm.of(conv, V, (side, side), dense=False)
     if side == 1:
-        assert int(live.sum()) == 3  # the centre tap of each input channel
+        assert int(unfolded.rows.sum()) == 3  # the centre tap of each input channel
+    alg.in_shape = tuple(a.shape[1:])
+    prepared = alg.prepare(V)
+    kind = "per-sample" if not isinstance(prepared, DirectForm) else "dense" if prepared.dense else "unfolded"
+    assert kind == form
+    assert ref.relative_error(alg.apply(a, [delta], prepared), expected) < 1e-12
+    bigger = torch.randn(6, 3, side + 1, side + 1, dtype=torch.float64, generator=g)
+    delta_bigger = torch.randn_like(conv(bigger)).detach()
+    assert ref.relative_error(alg.apply(bigger, [delta_bigger], prepared),
+                              alg.apply(bigger, [delta_bigger], V)) < 1e-12
+
+
+@pytest.mark.parametrize("side,conv,positions", [
+    (2, nn.Conv2d(3, 4, 3, padding=1), True),  # a ResNet's third stage: 16 terms against 16 x 9 taps x in
+    (1, nn.Conv2d(3, 4, 3, padding=1, bias=False), True),  # its fourth: the centre tap alone
+    (2, nn.Conv2d(3, 4, 3, stride=2, padding=1), False),  # 2x2 -> 1x1: the unfolded input is smaller
+    (2, nn.Conv2d(3, 4, (3, 2), padding=1), True),
+    (4, nn.Conv2d(40, 3, 3, padding=1), True),  # 100 terms: the pattern as a matrix
+])
+def test_ghost_products_by_input_positions_equal_the_directions_products(side, conv, positions):
+    """By input positions or by the unfolded input (as the probe's input size decides), the ghost product
+    equals the per-sample gradients times directions made of the validation rows' gradients (float64)."""
+    from hydraclean.ghost import ghost_products
+    from hydraclean.layers import FEW_TERMS
+
+    conv = conv.double()
+    g = torch.Generator().manual_seed(0)
+    alg = ConvAlgebra(conv)
+    alg.in_shape = (conv.in_channels, side, side)
+    a, rows = (torch.randn(n, conv.in_channels, side, side, dtype=torch.float64, generator=g) for n in (5, 7))
+    delta, delta_rows = (torch.randn_like(conv(x)).detach() for x in (a, rows))
+    mixing = torch.randn(3, 7, dtype=torch.float64, generator=g)
+    V = mixing @ alg.gradients(rows, [delta_rows])
+    factors = alg.ghost_factors(a, [delta])
+    assert alg.by_positions() == positions == (factors.in_size is not None)
+    if side == 4:
+        assert alg.ghost_pattern((4, 4), (4, 4)).shape[0] > FEW_TERMS
+    got = ghost_products(alg, factors, alg.ghost_factors(rows, [delta_rows]), mixing)
+    assert ref.relative_error(got, alg.gradients(a, [delta]) @ V.T) < 1e-12
