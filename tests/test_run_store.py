@@ -295,8 +295,10 @@ def test_a_captured_run_gives_the_plain_recurrences_hypergradients(where, tmp_pa
 
 
 def test_a_captured_batchnorm_run_equals_the_walk_that_recomputes_it():
-    """BatchNorm in train mode, its statistics held constant: what the training steps caught, kept, gives the
-    stored run's projections (its walk recomputes every step from checkpoints), float64."""
+    """BatchNorm in train mode, its statistics held constant: what the training steps caught, kept (the
+    statistics-constant second backward pass of each step), gives the stored run's projections, both from
+    checkpoints (whose walk rides the same second pass) and from the steps' gradients (whose projector runs
+    a pass of its own through a copy with the statistics detached), float64."""
     from hydraclean.projection import CapturedRun, probe_layers
     from hydraclean.routes import StoredRun
 
@@ -309,12 +311,15 @@ def test_a_captured_batchnorm_run_equals_the_walk_that_recomputes_it():
     stored = StoredRun(module, CE, traj(), X, y, exact=False, max_memory=4 * n_params * 8 + 1, plan=plan,
                        constant_stats=True)
     assert stored.store.location == "checkpoints"
+    own_pass = StoredRun(module, CE, traj(), X, y, exact=False, max_memory=10**9, plan=plan, constant_stats=True)
+    assert own_pass.store.location != "checkpoints"
     projections, trained = [], []
-    for route in (captured, stored):
+    for route in (captured, stored, own_pass):
         trained.append(train(module, X, y, CE, route.trajectory, recorder=route)[0])
         projections.append(route.project(V))
         route.close()
-    assert ref.relative_error(*projections) < 1e-12
+    assert ref.relative_error(projections[0], projections[1]) < 1e-12
+    assert ref.relative_error(projections[0], projections[2]) < 1e-12
     # the training steps' graphs served the second backward pass: the run is the plain one, bit for bit
     plain = train(module, X, y, CE, traj())[0]
     for p, q in zip(trained[0].state_dict().values(), plain.state_dict().values()):
