@@ -34,6 +34,7 @@ gradient out in the order of the layer's own trainable parameters.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
@@ -477,9 +478,15 @@ def conv2d_sample_gradients(m: nn.Conv2d, a: torch.Tensor, delta: torch.Tensor) 
 
 def input_reads(m: nn.Conv2d, in_size: tuple, device) -> torch.Tensor:
     """For each kernel tap and output position of a Conv2d (zero padding) at the input size ``in_size``, the
-    input position it reads (row-major), or -1 where it reads padding: shape (kh kw, output positions)."""
-    index = torch.arange(1, int(np.prod(in_size)) + 1, dtype=torch.float64, device=device).reshape(1, 1, *in_size)
-    return F.unfold(index, m.kernel_size, m.dilation, m.padding, m.stride)[0].long() - 1
+    input position it reads (row-major), or -1 where it reads padding: shape (kh kw, output positions).
+    Geometry only, so worked out once per geometry and size (read-only)."""
+    return _input_reads((m.kernel_size, m.dilation, m.padding, m.stride), tuple(in_size)).to(device)
+
+
+@functools.lru_cache(maxsize=256)
+def _input_reads(geometry: tuple, in_size: tuple) -> torch.Tensor:
+    index = torch.arange(1, int(np.prod(in_size)) + 1, dtype=torch.float64).reshape(1, 1, *in_size)
+    return F.unfold(index, *geometry)[0].long() - 1
 
 
 @dataclass(frozen=True)
